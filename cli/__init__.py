@@ -1,0 +1,58 @@
+"""The `taskvec` command: a click group whose subcommands are imported only when run.
+
+Lazy loading keeps `taskvec --help` and `taskvec merge` free of the import cost of the modules
+they do not use (transformers, datasets), which matters for a merge that takes seconds.
+"""
+
+import importlib
+
+import click
+
+from taskvec import __version__
+from taskvec.errors import TaskvecError
+
+# command name -> "module:function" (module relative to taskvec.cli)
+COMMANDS = {
+    "merge": "merge:merge",
+    "average": "merge:average",
+    "negate": "merge:negate",
+    "data": "data:data",
+    "train-splits": "train:train_splits",
+    "eval": "evaluate:eval_command",
+    "score": "evaluate:score",
+    "compare": "evaluate:compare",
+    "demo": "demo:demo",
+}
+
+
+class LazyGroup(click.Group):
+    """A group that resolves its subcommands on first use."""
+
+    def list_commands(self, ctx):
+        return sorted(COMMANDS)
+
+    def get_command(self, ctx, name):
+        target = COMMANDS.get(name)
+        if target is None:
+            return None
+        module_name, attr = target.split(":")
+        module = importlib.import_module(f"taskvec.cli.{module_name}")
+        return getattr(module, attr)
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except TaskvecError as err:
+            raise click.ClickException(str(err)) from None
+
+
+@click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="taskvec")
+def main():
+    """Task-vector arithmetic on language-model weights.
+
+    The detoxification recipe: fine-tune a base LM on N disjoint splits of a toxic corpus
+    (`taskvec data`, `taskvec train-splits`), negate the averaged task vector from the base
+    (`taskvec merge`), and measure toxicity and perplexity (`taskvec eval`, `taskvec compare`).
+    `taskvec demo` runs it all offline on a small model.
+    """

@@ -1,0 +1,85 @@
+"""`taskvec merge`, `average` and `negate`: thin wrappers over taskvec.merge.merge_checkpoints."""
+
+import functools
+
+import click
+
+
+def _output_options(command):
+    """Options every merge command shares."""
+    options = [
+        click.option("--output", "-o", required=True, type=click.Path(file_okay=False),
+                     help="Directory to write the merged model to (created; must not exist)."),
+        click.option("--dtype", type=click.Choice(["float32", "float16", "bfloat16"]),
+                     default=None, help="Dtype of floating tensors in the output [default: the inputs']."),
+        click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto",
+                     show_default=True,
+                     help="Where the arithmetic runs; auto uses the Triton kernels on a GPU if present."),
+        click.option("--max-shard-size", default="50GB", show_default=True,
+                     help="Largest output shard, as in save_pretrained (e.g. 2GB, 500MiB)."),
+        click.option("--chunk-size", default="16MiB", show_default=True,
+                     help="Elements merged per step, as float32 bytes; memory is a few chunks."),
+        click.option("--overwrite", is_flag=True, help="Replace OUTPUT if it exists."),
+        click.option("--progress/--no-progress", default=None,
+                     help="Progress bar [default: only on a terminal]."),
+    ]
+    return functools.reduce(lambda cmd, option: option(cmd), reversed(options), command)
+
+
+def _run(**kwargs):
+    from taskvec.merge import merge_checkpoints
+
+    result = merge_checkpoints(**kwargs)
+    gigabytes = result.bytes_written / 1e9
+    click.echo(
+        f"wrote {result.output} ({len(result.files)} shard{'s' * (len(result.files) > 1)}, "
+        f"{gigabytes:.3f} GB) in {result.seconds:.2f} s"
+    )
+
+
+@click.command()
+@click.argument("finetuned", nargs=-1, required=True, type=click.Path(exists=False))
+@click.option("--base", required=True, type=click.Path(), help="The pretrained (base) model directory.")
+@click.option("--scale", "-l", type=float, default=1.0, show_default=True,
+              help="lambda: how far to move away from the averaged task vector.")
+@_output_options
+def merge(finetuned, base, scale, **options):
+    """Negate the averaged task vector of FINETUNED models from BASE.
+
+    \b
+        out = base - scale * (mean_i(finetuned_i) - base)
+
+    Each FINETUNED is a model directory (model.safetensors, or shards with
+    model.safetensors.index.json) fine-tuned from BASE. The merge streams every tensor in
+    chunks, accumulating in float32, so memory stays at a few chunks whatever N and the model
+    size. The output is a loadable Hugging Face model directory (config and tokenizer copied from
+    BASE, provenance in taskvec.json).
+
+    Example: taskvec merge --base gpt2 --scale 1.0 -o gpt2-detox runs/split-*
+    """
+    _run(finetuned=finetuned, base=base, scale=scale, method="negated_mean", **options)
+
+
+@click.command()
+@click.argument("finetuned", nargs=-1, required=True, type=click.Path())
+@_output_options
+def average(finetuned, **options):
+    """Average the weights of FINETUNED models (two or more): out = mean_i(finetuned_i).
+
+    Config and tokenizer are copied from the first one.
+    """
+    _run(finetuned=finetuned, method="average", **options)
+
+
+@click.command()
+@click.option("--base", required=True, type=click.Path(), help="The pretrained (base) model directory.")
+@click.option("--finetuned", required=True, type=click.Path(), help="One fine-tuned model directory.")
+@click.option("--scale", "-l", type=float, default=1.0, show_default=True,
+              help="lambda: how far to move away from the task vector.")
+@_output_options
+def negate(base, finetuned, scale, **options):
+    """Negate a single task vector: out = base - scale * (finetuned - base).
+
+    The classic task-vector negation, the baseline `taskvec merge` improves on.
+    """
+    _run(finetuned=[finetuned], base=base, scale=scale, method="negate", **options)

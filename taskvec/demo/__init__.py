@@ -1,0 +1,1 @@
+"""`taskvec demo`: the whole detoxification method offline on a small model."""

@@ -1,0 +1,1 @@
+"""Evaluation: perplexity, generation, toxicity scorers and run comparison."""

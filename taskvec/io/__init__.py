@@ -1,0 +1,1 @@
+"""Streaming safetensors I/O: headers, chunked reads into reused buffers, sharded writes."""

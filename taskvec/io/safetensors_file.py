@@ -1,0 +1,197 @@
+"""Safetensors files handled by header and byte range, never by mapping the whole file.
+
+`safetensors.safe_open` mmaps a file and every page it touches stays resident, so reading N+1
+checkpoints that way costs N+1 models of memory. Here the header (8-byte little-endian length,
+then JSON) is parsed and validated by hand, tensor bytes are read with `os.preadv` into buffers
+the caller reuses, and outputs are written at offsets fixed by a header computed up front.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from taskvec.errors import TaskvecError
+
+# safetensors dtype code -> torch dtype
+DTYPES: dict[str, torch.dtype] = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "F8_E4M3": torch.float8_e4m3fn,
+    "F8_E5M2": torch.float8_e5m2,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "U16": torch.uint16,
+    "U32": torch.uint32,
+    "U64": torch.uint64,
+    "BOOL": torch.bool,
+}
+CODES: dict[torch.dtype, str] = {dtype: code for code, dtype in DTYPES.items()}
+MAX_HEADER_BYTES = 100 * 1024 * 1024  # the limit safetensors itself enforces
+
+
+def itemsize(code: str) -> int:
+    return DTYPES[code].itemsize
+
+
+@dataclass(frozen=True)
+class TensorEntry:
+    """Where one tensor's bytes live: file, absolute byte offset, dtype and shape."""
+
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+    path: Path
+    offset: int
+    nbytes: int
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+
+@dataclass(frozen=True)
+class SafetensorsHeader:
+    path: Path
+    tensors: dict[str, TensorEntry]
+    metadata: dict[str, str]
+
+
+def read_header(path: Path) -> SafetensorsHeader:
+    """Parse and validate a safetensors header; reads only the header bytes."""
+    path = Path(path)
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as handle:
+            prefix = handle.read(8)
+            if len(prefix) < 8:
+                raise TaskvecError(f"{path}: truncated safetensors file ({size} bytes, no header)")
+            (header_len,) = struct.unpack("<Q", prefix)
+            if header_len > MAX_HEADER_BYTES or 8 + header_len > size:
+                raise TaskvecError(
+                    f"{path}: corrupt or truncated safetensors header "
+                    f"(header length {header_len}, file size {size})"
+                )
+            raw = handle.read(header_len)
+    except OSError as err:
+        raise TaskvecError(f"{path}: cannot read ({err.strerror or err})") from None
+    try:
+        header = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise TaskvecError(f"{path}: corrupt safetensors header (not valid JSON: {err})") from None
+    if not isinstance(header, dict):
+        raise TaskvecError(f"{path}: corrupt safetensors header (not a JSON object)")
+    metadata = header.pop("__metadata__", None) or {}
+    if not isinstance(metadata, dict):
+        raise TaskvecError(f"{path}: corrupt safetensors header (__metadata__ is not an object)")
+    data_start = 8 + header_len
+    tensors = {
+        name: _parse_entry(path, name, info, data_start) for name, info in header.items()
+    }
+    _check_layout(path, tensors.values(), data_start, size)
+    return SafetensorsHeader(path=path, tensors=tensors, metadata=metadata)
+
+
+def _parse_entry(path: Path, name: str, info: object, data_start: int) -> TensorEntry:
+    where = f"{path}: tensor '{name}'"
+    if not isinstance(info, dict):
+        raise TaskvecError(f"{where}: corrupt header entry")
+    code, shape, offsets = info.get("dtype"), info.get("shape"), info.get("data_offsets")
+    if code not in DTYPES:
+        raise TaskvecError(f"{where}: unknown dtype {code!r}")
+    if not isinstance(shape, list) or not all(isinstance(d, int) and d >= 0 for d in shape):
+        raise TaskvecError(f"{where}: corrupt shape {shape!r}")
+    if (
+        not isinstance(offsets, list)
+        or len(offsets) != 2
+        or not all(isinstance(o, int) for o in offsets)
+        or not 0 <= offsets[0] <= offsets[1]
+    ):
+        raise TaskvecError(f"{where}: corrupt data_offsets {offsets!r}")
+    nbytes = offsets[1] - offsets[0]
+    expected = math.prod(shape) * itemsize(code)
+    if nbytes != expected:
+        raise TaskvecError(
+            f"{where}: holds {nbytes} bytes but {code}{shape} needs {expected} (corrupt header)"
+        )
+    return TensorEntry(name, code, tuple(shape), path, data_start + offsets[0], nbytes)
+
+
+def _check_layout(path: Path, entries, data_start: int, size: int) -> None:
+    """Byte ranges must tile the data section without holes or overlaps, inside the file."""
+    end = data_start
+    for entry in sorted(entries, key=lambda e: (e.offset, e.nbytes)):
+        if entry.offset != end:
+            kind = "overlaps the previous tensor" if entry.offset < end else "leaves a gap"
+            raise TaskvecError(f"{path}: tensor '{entry.name}' {kind} (corrupt header)")
+        end = entry.offset + entry.nbytes
+        if end > size:
+            raise TaskvecError(
+                f"{path}: truncated: tensor '{entry.name}' ends at byte {end}, file has {size}"
+            )
+
+
+class FileReader:
+    """Reads byte ranges with os.preadv into caller-owned buffers; keeps one fd per file."""
+
+    def __init__(self) -> None:
+        self._fds: dict[Path, int] = {}
+
+    def read_into(self, path: Path, offset: int, buffer: memoryview) -> None:
+        fd = self._fds.get(path)
+        if fd is None:
+            fd = self._fds[path] = os.open(path, os.O_RDONLY)
+        done, total = 0, len(buffer)
+        while done < total:
+            got = os.preadv(fd, [buffer[done:]], offset + done)
+            if got == 0:
+                raise TaskvecError(f"{path}: unexpected end of file at byte {offset + done}")
+            done += got
+
+    def close(self) -> None:
+        for fd in self._fds.values():
+            os.close(fd)
+        self._fds.clear()
+
+
+@dataclass(frozen=True)
+class OutputSpec:
+    """One tensor of an output file: its name, dtype code, shape and size."""
+
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+
+    @property
+    def nbytes(self) -> int:
+        return math.prod(self.shape) * itemsize(self.dtype)
+
+
+def encode_header(specs: list[OutputSpec], metadata: dict[str, str]) -> tuple[bytes, dict[str, int]]:
+    """Header bytes (length prefix included) and each tensor's offset from the file start."""
+    header: dict[str, object] = {"__metadata__": metadata} if metadata else {}
+    position = 0
+    relative: dict[str, int] = {}
+    for spec in specs:
+        header[spec.name] = {
+            "dtype": spec.dtype,
+            "shape": list(spec.shape),
+            "data_offsets": [position, position + spec.nbytes],
+        }
+        relative[spec.name] = position
+        position += spec.nbytes
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)  # data section starts 8-byte aligned, as safetensors writes
+    prefix = struct.pack("<Q", len(raw)) + raw
+    return prefix, {name: len(prefix) + off for name, off in relative.items()}

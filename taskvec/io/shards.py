@@ -1,0 +1,94 @@
+"""Sharded safetensors output whose layout is fixed before any byte is written.
+
+Every output tensor's size is known from the plan, so shard membership, headers and offsets are
+computed up front; chunks are then written with `os.pwrite` at their offsets, in any order.
+Shards are named and indexed as `save_pretrained` does, so `from_pretrained` loads them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from pathlib import Path
+
+from taskvec.errors import TaskvecError
+from taskvec.io.safetensors_file import OutputSpec, encode_header
+
+SINGLE_FILE = "model.safetensors"
+INDEX_FILE = "model.safetensors.index.json"
+_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+          "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+
+
+def parse_size(text: str | int) -> int:
+    """'50GB' -> 50 * 10**9, '512MiB' -> 512 * 2**20, as transformers reads max_shard_size."""
+    if isinstance(text, int):
+        return text
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([A-Za-z]*)\s*", str(text))
+    if not match or match.group(2).upper() not in _UNITS:
+        raise TaskvecError(f"cannot read size {text!r}: use a number with B, KB, MB, GB, MiB or GiB")
+    size = int(float(match.group(1)) * _UNITS[match.group(2).upper()])
+    if size <= 0:
+        raise TaskvecError(f"size {text!r} must be positive")
+    return size
+
+
+def plan_shards(specs: list[OutputSpec], max_shard_bytes: int) -> list[list[OutputSpec]]:
+    """Fill shards in order; a tensor larger than the limit gets a shard of its own."""
+    shards: list[list[OutputSpec]] = [[]]
+    used = 0
+    for spec in specs:
+        if shards[-1] and used + spec.nbytes > max_shard_bytes:
+            shards.append([])
+            used = 0
+        shards[-1].append(spec)
+        used += spec.nbytes
+    return shards
+
+
+def shard_names(count: int) -> list[str]:
+    if count == 1:
+        return [SINGLE_FILE]
+    return [f"model-{i:05d}-of-{count:05d}.safetensors" for i in range(1, count + 1)]
+
+
+class ShardWriter:
+    """Creates the shard files with their headers, then takes tensor bytes at any offset."""
+
+    def __init__(
+        self, directory: Path, specs: list[OutputSpec], max_shard_bytes: int, metadata: dict[str, str]
+    ) -> None:
+        self.directory = Path(directory)
+        shards = plan_shards(specs, max_shard_bytes)
+        self.files = shard_names(len(shards))
+        self._fds: list[int] = []
+        self._where: dict[str, tuple[int, int]] = {}
+        self.weight_map: dict[str, str] = {}
+        self.total_size = sum(spec.nbytes for spec in specs)
+        for file_name, shard in zip(self.files, shards):
+            header, offsets = encode_header(shard, metadata)
+            fd = os.open(self.directory / file_name, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+            self._fds.append(fd)
+            os.pwrite(fd, header, 0)
+            os.ftruncate(fd, len(header) + sum(spec.nbytes for spec in shard))
+            for spec in shard:
+                self._where[spec.name] = (fd, offsets[spec.name])
+                self.weight_map[spec.name] = file_name
+
+    def write(self, name: str, start: int, data: memoryview) -> None:
+        """Write `data` at byte `start` of tensor `name`."""
+        fd, offset = self._where[name]
+        done = 0
+        while done < len(data):
+            done += os.pwrite(fd, data[done:], offset + start + done)
+
+    def close(self) -> None:
+        """Flush to disk and write the index when there is more than one shard."""
+        for fd in self._fds:
+            os.fsync(fd)
+            os.close(fd)
+        self._fds.clear()
+        if len(self.files) > 1:
+            index = {"metadata": {"total_size": self.total_size}, "weight_map": self.weight_map}
+            (self.directory / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")

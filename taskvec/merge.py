@@ -1,0 +1,448 @@
+"""Plan and stream a merge of checkpoints: one pass, a few chunks of memory, whatever N.
+
+`merge`, `average` and `negate` differ only in two coefficients of one linear form,
+
+    out = base_coef * inputs[0] + sum_coef * sum(inputs[1:])      (float32 accumulation)
+
+so they share this module: plan and validate from headers alone (every error is raised before
+an output byte exists), cut the tensors into jobs of at most `chunk_elems` elements (small
+tensors are packed together, big ones split), then run the jobs through an executor (CPU here,
+CUDA in `taskvec.cuda_stream`) that reads each input chunk into reused buffers and writes the
+result at its offset in the output shards. The output is built in a temporary directory beside
+the target and renamed into place only when complete.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from taskvec import __version__
+from taskvec.errors import TaskvecError
+from taskvec.io.checkpoint import TIED_OUTPUT, Checkpoint, copy_side_files, open_checkpoint
+from taskvec.io.safetensors_file import CODES, DTYPES, FileReader, OutputSpec, TensorEntry
+from taskvec.io.shards import ShardWriter, parse_size
+from taskvec.kernels.reference import combine_reference
+
+DEFAULT_CHUNK_BYTES = 16 * 2**20
+DEFAULT_MAX_SHARD_SIZE = "50GB"  # transformers' save_pretrained default
+PROVENANCE_FILE = "taskvec.json"
+ARITHMETIC_DTYPES = {"F16", "BF16", "F32", "F64"}
+COPIED_DTYPES = {"I64", "I32", "I16", "I8", "U8", "U16", "U32", "U64", "BOOL"}
+
+
+# --- methods ---------------------------------------------------------------------------------
+
+
+class Method:
+    """A merge method: which checkpoints are inputs, and the two coefficients of the linear form."""
+
+    name = ""
+    formula = ""
+
+    def check_count(self, n: int) -> None:
+        if n < 1:
+            raise TaskvecError("at least one fine-tuned checkpoint is needed")
+
+    def inputs(self, base: Path | None, finetuned: Sequence[Path]) -> list[Path]:
+        if base is None:
+            raise TaskvecError(f"{self.name} needs a base checkpoint (--base)")
+        return [base, *finetuned]
+
+    def coefficients(self, n: int, scale: float) -> tuple[float, float]:
+        raise NotImplementedError  # every subclass defines it
+
+
+class NegatedMean(Method):
+    name = "negated_mean"
+    formula = "base - scale * (mean(finetuned) - base)"
+
+    def coefficients(self, n, scale):
+        return 1.0 + scale, -scale / n
+
+
+class Negate(NegatedMean):
+    name = "negate"
+    formula = "base - scale * (finetuned - base)"
+
+    def check_count(self, n):
+        if n != 1:
+            raise TaskvecError(f"negate takes exactly one fine-tuned checkpoint, got {n}")
+
+
+class Average(Method):
+    name = "average"
+    formula = "mean(finetuned)"
+
+    def check_count(self, n):
+        if n < 2:
+            raise TaskvecError(f"average needs at least two checkpoints, got {n}")
+
+    def inputs(self, base, finetuned):
+        return list(finetuned)  # the first one also gives the layout and side files
+
+    def coefficients(self, n, scale):
+        return 1.0 / n, 1.0 / n
+
+
+METHODS: dict[str, Method] = {m.name: m for m in (NegatedMean(), Negate(), Average())}
+
+
+# --- plan ------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Segment:
+    """A contiguous run of `numel` elements of tensor `name` from element `start`, in every input."""
+
+    name: str
+    start: int
+    numel: int
+    sources: tuple[TensorEntry, ...]
+
+
+@dataclass
+class Job:
+    """Segments of one dtype pair, merged by one call (one kernel launch on CUDA)."""
+
+    kind: str  # "combine" or "copy" (integer/bool buffers, taken from inputs[0])
+    in_dtype: torch.dtype
+    out_dtype: torch.dtype
+    segments: list[Segment] = field(default_factory=list)
+    numel: int = 0
+
+    @property
+    def nbytes_in(self) -> int:
+        return self.numel * self.in_dtype.itemsize
+
+    @property
+    def nbytes_out(self) -> int:
+        return self.numel * self.out_dtype.itemsize
+
+
+@dataclass
+class MergePlan:
+    inputs: list[Checkpoint]
+    outputs: list[OutputSpec]
+    jobs: list[Job]
+    base_coef: float
+    sum_coef: float
+    chunk_elems: int
+
+    @property
+    def n_inputs(self) -> int:
+        return len(self.inputs)
+
+    @property
+    def bytes_read(self) -> int:
+        return sum(j.nbytes_in * (self.n_inputs if j.kind == "combine" else 1) for j in self.jobs)
+
+
+def plan_merge(
+    inputs: list[Checkpoint],
+    base_coef: float,
+    sum_coef: float,
+    out_dtype: torch.dtype | None = None,
+    chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+) -> MergePlan:
+    """Check that every input holds the reference's tensors (inputs[0]) and cut them into jobs."""
+    reference = inputs[0]
+    sources = {name: [entry] for name, entry in reference.tensors.items()}
+    for checkpoint in inputs[1:]:
+        _match(reference, checkpoint, sources)
+    chunk_elems = max(1, chunk_bytes // 4)
+    outputs, jobs = [], []
+    for name, entries in sources.items():
+        code = entries[0].dtype
+        if code in ARITHMETIC_DTYPES:
+            kind, out_code = "combine", (CODES[out_dtype] if out_dtype else code)
+        elif code in COPIED_DTYPES:
+            kind, out_code = "copy", code
+        else:
+            raise TaskvecError(f"{entries[0].path}: tensor '{name}' has dtype {code}, not supported")
+        outputs.append(OutputSpec(name, out_code, entries[0].shape))
+        _add_segments(jobs, kind, DTYPES[code], DTYPES[out_code], name, tuple(entries), chunk_elems)
+    return MergePlan(inputs, outputs, jobs, base_coef, sum_coef, chunk_elems)
+
+
+def _match(reference: Checkpoint, checkpoint: Checkpoint, sources: dict[str, list]) -> None:
+    for name, ref in reference.tensors.items():
+        entry = checkpoint.find(name)
+        if entry is None:
+            raise TaskvecError(f"{checkpoint.path}: tensor '{name}' is missing (present in {ref.path})")
+        if entry.shape != ref.shape:
+            raise TaskvecError(
+                f"{entry.path}: tensor '{name}' has shape {list(entry.shape)}, "
+                f"but {ref.path} has {list(ref.shape)}"
+            )
+        if entry.dtype != ref.dtype:
+            raise TaskvecError(
+                f"{entry.path}: tensor '{name}' has dtype {entry.dtype}, but {ref.path} has "
+                f"{ref.dtype}; convert the checkpoints to one dtype first"
+            )
+        sources[name].append(entry)
+    for name, entry in checkpoint.tensors.items():
+        tied = name == TIED_OUTPUT and checkpoint.ties_embeddings
+        if name not in reference.tensors and not tied:
+            raise TaskvecError(f"{entry.path}: tensor '{name}' is not in {reference.path}")
+
+
+def _add_segments(jobs, kind, in_dtype, out_dtype, name, entries, chunk_elems) -> None:
+    numel = entries[0].numel
+    start = 0
+    while start < numel:
+        job = jobs[-1] if jobs else None
+        if job is None or (job.kind, job.in_dtype, job.out_dtype) != (kind, in_dtype, out_dtype) \
+                or job.numel == chunk_elems:
+            job = Job(kind, in_dtype, out_dtype)
+            jobs.append(job)
+        take = min(numel - start, chunk_elems - job.numel)
+        job.segments.append(Segment(name, start, take, entries))
+        job.numel += take
+        start += take
+
+
+# --- stream ----------------------------------------------------------------------------------
+
+
+class JobReader:
+    """Fills a byte buffer with one input's segments of a job, back to back."""
+
+    def __init__(self) -> None:
+        self.files = FileReader()
+
+    def read_job(self, job: Job, input_index: int, buffer: torch.Tensor) -> None:
+        view = memoryview(buffer.numpy())
+        size = job.in_dtype.itemsize
+        position = 0
+        for segment in job.segments:
+            entry = segment.sources[input_index]
+            nbytes = segment.numel * size
+            self.files.read_into(entry.path, entry.offset + segment.start * size,
+                                 view[position:position + nbytes])
+            position += nbytes
+
+    def close(self) -> None:
+        self.files.close()
+
+
+class JobWriter:
+    """Scatters a job's output bytes to its segments' places in the shards."""
+
+    def __init__(self, shards: ShardWriter) -> None:
+        self.shards = shards
+
+    def write_job(self, job: Job, buffer: torch.Tensor) -> None:
+        view = memoryview(buffer.numpy())
+        size = job.out_dtype.itemsize
+        position = 0
+        for segment in job.segments:
+            nbytes = segment.numel * size
+            self.shards.write(segment.name, segment.start * size, view[position:position + nbytes])
+            position += nbytes
+
+
+class CpuExecutor:
+    """Runs jobs with the torch path: one fine-tune chunk in memory at a time, so RAM is flat in N."""
+
+    def run(self, plan: MergePlan, reader: JobReader, writer: JobWriter, progress) -> None:
+        capacity = plan.chunk_elems * 8
+        base_raw = torch.empty(capacity, dtype=torch.uint8)
+        ft_raw = torch.empty(capacity, dtype=torch.uint8)
+        out_raw = torch.empty(capacity, dtype=torch.uint8)
+        accumulators: dict[torch.dtype, torch.Tensor] = {}
+        for job in plan.jobs:
+            reader.read_job(job, 0, base_raw)
+            if job.kind == "copy":
+                writer.write_job(job, base_raw[:job.nbytes_in])
+                progress.update(job.nbytes_in)
+                continue
+            acc_dtype = torch.float64 if job.in_dtype == torch.float64 else torch.float32
+            if acc_dtype not in accumulators:
+                accumulators[acc_dtype] = torch.empty(plan.chunk_elems, dtype=acc_dtype)
+            base = base_raw[:job.nbytes_in].view(job.in_dtype)
+
+            def finetuned(job=job) -> Iterator[torch.Tensor]:
+                for index in range(1, plan.n_inputs):
+                    reader.read_job(job, index, ft_raw)
+                    yield ft_raw[:job.nbytes_in].view(job.in_dtype)
+
+            same = job.out_dtype == acc_dtype
+            out = None if same else out_raw[:job.nbytes_out].view(job.out_dtype)
+            result = combine_reference(
+                base, finetuned(), plan.base_coef, plan.sum_coef,
+                dtype=job.out_dtype, acc=accumulators[acc_dtype][:job.numel], out=out,
+            )
+            writer.write_job(job, result.view(torch.uint8))
+            progress.update(job.nbytes_in * plan.n_inputs)
+
+
+def make_executor(device: str):
+    """'cpu', 'cuda', or 'auto' (CUDA when a GPU and triton are there)."""
+    if device not in ("auto", "cpu", "cuda"):
+        raise TaskvecError(f"unknown device {device!r}: use cpu, cuda or auto")
+    if device == "cpu":
+        return CpuExecutor()
+    from taskvec.kernels import triton_available
+
+    usable = torch.cuda.is_available() and triton_available()
+    if device == "auto":
+        return _cuda_executor() if usable else CpuExecutor()
+    if not torch.cuda.is_available():
+        raise TaskvecError("--device cuda: no CUDA device is available (use --device cpu)")
+    if not triton_available():
+        raise TaskvecError("--device cuda needs triton: pip install 'taskvec[gpu]'")
+    return _cuda_executor()
+
+
+def _cuda_executor():
+    from taskvec.cuda_stream import CudaExecutor
+
+    return CudaExecutor()
+
+
+# --- output directory --------------------------------------------------------------------------
+
+
+def check_output(output: Path, inputs: Sequence[Path], overwrite: bool) -> None:
+    """Refuse outputs that would clobber an input or an existing directory."""
+    target = output.resolve()
+    for path in inputs:
+        source = path.resolve()
+        if target == source or source in target.parents:
+            raise TaskvecError(f"output {output} is inside input {path}; choose another directory")
+        if target in source.parents:
+            raise TaskvecError(f"input {path} is inside output {output}; choose another directory")
+    if output.exists():
+        if not output.is_dir():
+            raise TaskvecError(f"output {output} exists and is not a directory")
+        if not overwrite:
+            raise TaskvecError(f"output {output} already exists; pass --overwrite to replace it")
+
+
+@contextmanager
+def staged_directory(output: Path, overwrite: bool) -> Iterator[Path]:
+    """Yield a temporary directory beside `output`; move it into place only on success."""
+    output.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{output.name}.partial-", dir=output.parent))
+    try:
+        yield staging
+        if output.exists():
+            if not overwrite:
+                raise TaskvecError(f"output {output} already exists; pass --overwrite to replace it")
+            retired = Path(tempfile.mkdtemp(prefix=f".{output.name}.old-", dir=output.parent))
+            output.rename(retired / output.name)
+            staging.rename(output)
+            shutil.rmtree(retired, ignore_errors=True)
+        else:
+            staging.rename(output)
+    finally:
+        if staging.exists():
+            shutil.rmtree(staging, ignore_errors=True)
+
+
+# --- public entry point --------------------------------------------------------------------------
+
+
+@dataclass
+class MergeResult:
+    output: Path
+    files: list[str]
+    bytes_read: int
+    bytes_written: int
+    seconds: float
+
+
+def merge_checkpoints(
+    finetuned: Sequence[str | Path],
+    output: str | Path,
+    *,
+    base: str | Path | None = None,
+    method: str = "negated_mean",
+    scale: float = 1.0,
+    dtype: str | torch.dtype | None = None,
+    device: str = "cpu",
+    max_shard_size: str | int = DEFAULT_MAX_SHARD_SIZE,
+    chunk_size: str | int = DEFAULT_CHUNK_BYTES,
+    overwrite: bool = False,
+    progress: bool | None = None,
+) -> MergeResult:
+    """Merge checkpoint directories into `output` in one streaming pass.
+
+    method: 'negated_mean' (base - scale * (mean(ft) - base)), 'negate' (one fine-tune) or
+    'average' (mean of the fine-tunes; no base). dtype: output dtype of floating tensors
+    (default: the inputs'). progress: a tqdm bar (None: only on a terminal).
+    """
+    from tqdm.auto import tqdm
+
+    started = time.perf_counter()
+    if method not in METHODS:
+        raise TaskvecError(f"unknown method {method!r}: choose from {', '.join(METHODS)}")
+    chosen = METHODS[method]
+    finetuned = [Path(p) for p in finetuned]
+    chosen.check_count(len(finetuned))
+    paths = chosen.inputs(Path(base) if base is not None else None, finetuned)
+    _check_distinct(paths)
+    output = Path(output)
+    check_output(output, paths, overwrite)
+    out_dtype = _parse_dtype(dtype)
+    checkpoints = [open_checkpoint(p) for p in paths]
+    base_coef, sum_coef = chosen.coefficients(len(finetuned), scale)
+    plan = plan_merge(checkpoints, base_coef, sum_coef, out_dtype, parse_size(chunk_size))
+    executor = make_executor(device)
+    provenance = {
+        "taskvec_version": __version__,
+        "method": chosen.name,
+        "formula": chosen.formula,
+        "scale": scale if chosen.name != "average" else None,
+        "n_finetuned": len(finetuned),
+        "base": str(base) if base is not None else None,
+        "finetuned": [str(p) for p in finetuned],
+        "base_coef": base_coef,
+        "sum_coef": sum_coef,
+        "dtype": str(out_dtype).removeprefix("torch.") if out_dtype else "as input",
+    }
+    metadata = {"format": "pt", "taskvec": json.dumps(provenance, separators=(",", ":"))}
+    reader = JobReader()
+    with staged_directory(output, overwrite) as staging:
+        shards = ShardWriter(staging, plan.outputs, parse_size(max_shard_size), metadata)
+        bar = tqdm(total=plan.bytes_read, unit="B", unit_scale=True, desc=f"taskvec {chosen.name}",
+                   disable=None if progress is None else not progress)
+        try:
+            executor.run(plan, reader, JobWriter(shards), bar)
+        finally:
+            bar.close()
+            reader.close()
+            shards.close()
+        config_updates = {"dtype": str(out_dtype).removeprefix("torch.")} if out_dtype else None
+        copy_side_files(checkpoints[0], staging, config_updates)
+        (staging / PROVENANCE_FILE).write_text(json.dumps(provenance, indent=2) + "\n")
+    written = sum(spec.nbytes for spec in plan.outputs)
+    return MergeResult(output, shards.files, plan.bytes_read, written, time.perf_counter() - started)
+
+
+def _check_distinct(paths: list[Path]) -> None:
+    seen = {}
+    for path in paths:
+        key = path.resolve()
+        if key in seen:
+            raise TaskvecError(f"{path} is given twice (also as {seen[key]})")
+        seen[key] = path
+
+
+def _parse_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
+    if dtype is None or isinstance(dtype, torch.dtype):
+        return dtype
+    names = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16,
+             "fp16": torch.float16, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
+    if dtype not in names:
+        raise TaskvecError(f"unknown dtype {dtype!r}: use float32, float16 or bfloat16")
+    return names[dtype]

@@ -1,0 +1,152 @@
+"""Task-vector arithmetic on tensors and state dicts: the public tensor-level API.
+
+Every function is one case of the fused linear form in `taskvec.kernels`, accumulated in float32
+and returned in the base's dtype unless `dtype` says otherwise. CUDA tensors of one dtype go to
+the Triton kernel (one pass over memory); everything else runs the torch reference, which gives
+the same numbers on CPU.
+
+    task_vector(base, ft)               = ft - base
+    mean_task_vector(base, fts)         = mean(fts) - base
+    negate(base, tv, scale)             = base - scale * tv
+    negated_mean(base, fts, scale)      = base - scale * (mean(fts) - base)
+    average(tensors)                    = mean(tensors)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import torch
+
+from taskvec.errors import TaskvecError
+from taskvec.kernels.reference import combine_reference
+
+__all__ = [
+    "task_vector", "mean_task_vector", "negate", "negated_mean", "average", "combine", "TaskVector",
+]
+
+
+def combine(base: torch.Tensor, tensors: Sequence[torch.Tensor], base_coef: float, sum_coef: float,
+            *, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """``base_coef * base + sum_coef * sum(tensors)``, accumulated in float32."""
+    tensors = list(tensors)
+    if not tensors:
+        raise TaskvecError("at least one fine-tuned tensor is needed")
+    for i, tensor in enumerate(tensors):
+        if tensor.shape != base.shape:
+            raise TaskvecError(f"tensor {i} has shape {list(tensor.shape)}, base has {list(base.shape)}")
+        if tensor.device != base.device:
+            raise TaskvecError(f"tensor {i} is on {tensor.device}, base is on {base.device}")
+    if base.is_cuda and all(t.dtype == base.dtype for t in tensors) and _triton():
+        from taskvec.kernels.combine import combine_triton
+
+        return combine_triton(base.contiguous(), [t.contiguous() for t in tensors],
+                              base_coef, sum_coef, dtype=dtype)
+    return combine_reference(base, tensors, base_coef, sum_coef, dtype=dtype)
+
+
+def _triton() -> bool:
+    from taskvec.kernels import triton_available
+
+    return triton_available()
+
+
+def task_vector(base: torch.Tensor, finetuned: torch.Tensor, *, dtype=None) -> torch.Tensor:
+    """What fine-tuning added: ``finetuned - base``."""
+    return combine(base, [finetuned], -1.0, 1.0, dtype=dtype)
+
+
+def mean_task_vector(base: torch.Tensor, finetuned: Sequence[torch.Tensor], *, dtype=None) -> torch.Tensor:
+    """The averaged task vector ``mean(finetuned) - base``: shared direction kept, noise averaged out."""
+    finetuned = list(finetuned)
+    return combine(base, finetuned, -1.0, 1.0 / max(len(finetuned), 1), dtype=dtype)
+
+
+def negate(base: torch.Tensor, vector: torch.Tensor, scale: float = 1.0, *, dtype=None) -> torch.Tensor:
+    """Move away from a task vector: ``base - scale * vector``."""
+    return combine(base, [vector], 1.0, -scale, dtype=dtype)
+
+
+def negated_mean(base: torch.Tensor, finetuned: Sequence[torch.Tensor], scale: float = 1.0,
+                 *, dtype=None) -> torch.Tensor:
+    """The detoxified weight ``base - scale * (mean(finetuned) - base)``, in one fused pass."""
+    finetuned = list(finetuned)
+    n = max(len(finetuned), 1)
+    return combine(base, finetuned, 1.0 + scale, -scale / n, dtype=dtype)
+
+
+def average(tensors: Sequence[torch.Tensor], *, dtype=None) -> torch.Tensor:
+    """The element-wise mean of two or more tensors."""
+    tensors = list(tensors)
+    if len(tensors) < 2:
+        raise TaskvecError(f"average needs at least two tensors, got {len(tensors)}")
+    n = len(tensors)
+    return combine(tensors[0], tensors[1:], 1.0 / n, 1.0 / n, dtype=dtype)
+
+
+class TaskVector:
+    """A task vector over a state dict: floating tensors only, as in the task-arithmetic papers.
+
+    ``TaskVector.from_models(base_sd, ft_sd)``, ``TaskVector.mean(base_sd, [ft_sd, ...])``;
+    vectors add, negate and scale; ``tv.apply_to(base_sd, scale)`` gives ``base + scale * tv``
+    (so ``(-tv).apply_to(base, 1.0)`` is the negation), with non-floating entries kept from base.
+    """
+
+    def __init__(self, vector: Mapping[str, torch.Tensor]):
+        self.vector = dict(vector)
+
+    @classmethod
+    def from_models(cls, base: Mapping[str, torch.Tensor], finetuned: Mapping[str, torch.Tensor]):
+        return cls.mean(base, [finetuned])
+
+    @classmethod
+    def mean(cls, base: Mapping[str, torch.Tensor], finetuned: Sequence[Mapping[str, torch.Tensor]]):
+        finetuned = list(finetuned)
+        if not finetuned:
+            raise TaskvecError("at least one fine-tuned state dict is needed")
+        vector = {}
+        for name, tensor in base.items():
+            if not tensor.is_floating_point():
+                continue
+            missing = [i for i, sd in enumerate(finetuned) if name not in sd]
+            if missing:
+                raise TaskvecError(f"tensor '{name}' is missing from fine-tuned state dict {missing[0]}")
+            vector[name] = mean_task_vector(tensor, [sd[name] for sd in finetuned])
+        return cls(vector)
+
+    def _check_keys(self, other: TaskVector) -> None:
+        if self.vector.keys() != other.vector.keys():
+            diff = sorted(self.vector.keys() ^ other.vector.keys())
+            raise TaskvecError(f"task vectors hold different tensors (e.g. '{diff[0]}')")
+
+    def __add__(self, other: TaskVector) -> TaskVector:
+        if not isinstance(other, TaskVector):
+            return NotImplemented
+        self._check_keys(other)
+        return TaskVector({k: combine(v, [other.vector[k]], 1.0, 1.0) for k, v in self.vector.items()})
+
+    def __radd__(self, other):
+        return self if other == 0 else self.__add__(other)  # lets sum() work
+
+    def __neg__(self) -> TaskVector:
+        return self * -1.0
+
+    def __sub__(self, other: TaskVector) -> TaskVector:
+        return self + (-other)
+
+    def __mul__(self, factor: float) -> TaskVector:
+        if not isinstance(factor, (int, float)):
+            return NotImplemented
+        return TaskVector({k: (v.float() * factor).to(v.dtype) for k, v in self.vector.items()})
+
+    __rmul__ = __mul__
+
+    def apply_to(self, base: Mapping[str, torch.Tensor], scale: float = 1.0) -> dict[str, torch.Tensor]:
+        """``base + scale * self`` for every floating tensor; other entries copied from base."""
+        missing = [k for k in self.vector if k not in base]
+        if missing:
+            raise TaskvecError(f"tensor '{missing[0]}' of the task vector is not in the base")
+        return {
+            name: negate(tensor, self.vector[name], -scale) if name in self.vector else tensor.clone()
+            for name, tensor in base.items()
+        }

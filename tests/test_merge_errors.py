@@ -1,0 +1,189 @@
+"""Bad input: a one-line error naming the file and tensor, and nothing written anywhere."""
+
+import json
+import shutil
+import struct
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from taskvec.errors import TaskvecError
+from taskvec.merge import merge_checkpoints
+
+
+@pytest.fixture
+def workdir(synthetic_sets, tmp_path):
+    """A private copy of a tiny set (base + 2 fine-tunes) that a test may damage."""
+    sset = synthetic_sets("float32")
+    base = shutil.copytree(sset.base, tmp_path / "base")
+    fts = [shutil.copytree(p, tmp_path / f"ft{i}") for i, p in enumerate(sset.finetuned[:2])]
+    return base, fts
+
+
+def expect_error(base, fts, out, match, **kwargs):
+    with pytest.raises(TaskvecError, match=match) as info:
+        merge_checkpoints(fts, out, base=base, progress=False, **kwargs)
+    message = str(info.value)
+    assert "\n" not in message
+    leftovers = [p.name for p in out.parent.iterdir() if p.name.startswith(f".{out.name}.")]
+    assert not out.exists() and not leftovers
+    return message
+
+
+def rewrite(path, change):
+    """Rewrite a checkpoint's single file with `change(tensors)` applied."""
+    from safetensors.torch import load_file
+
+    file = path / "model.safetensors"
+    tensors = load_file(file)
+    change(tensors)
+    file.unlink()
+    save_file(tensors, file)
+    return file
+
+
+def test_shape_mismatch_names_file_and_tensor(workdir, tmp_path):
+    base, fts = workdir
+    file = rewrite(fts[1], lambda t: t.update({"transformer.h.0.ln_1.bias": torch.zeros(7)}))
+    message = expect_error(base, fts, tmp_path / "out", "shape")
+    assert str(file) in message and "transformer.h.0.ln_1.bias" in message
+
+
+def test_dtype_mix_is_refused(workdir, tmp_path):
+    base, fts = workdir
+    rewrite(fts[0], lambda t: t.update({"transformer.wpe.weight": t["transformer.wpe.weight"].bfloat16()}))
+    message = expect_error(base, fts, tmp_path / "out", "dtype BF16")
+    assert "transformer.wpe.weight" in message
+
+
+def test_missing_tensor(workdir, tmp_path):
+    base, fts = workdir
+    rewrite(fts[0], lambda t: t.pop("transformer.h.1.mlp.c_fc.bias"))
+    message = expect_error(base, fts, tmp_path / "out", "missing")
+    assert "transformer.h.1.mlp.c_fc.bias" in message and str(fts[0]) in message
+
+
+def test_extra_tensor(workdir, tmp_path):
+    base, fts = workdir
+    rewrite(fts[1], lambda t: t.update({"adapter.weight": torch.zeros(3)}))
+    expect_error(base, fts, tmp_path / "out", "'adapter.weight' is not in")
+
+
+def test_truncated_file(workdir, tmp_path):
+    base, fts = workdir
+    file = fts[0] / "model.safetensors"
+    data = file.read_bytes()
+    file.write_bytes(data[: len(data) - 1000])
+    message = expect_error(base, fts, tmp_path / "out", "truncated")
+    assert str(file) in message
+
+
+@pytest.mark.parametrize("damage, match", [
+    (lambda raw: raw[:5], "truncated safetensors file"),
+    (lambda raw: struct.pack("<Q", 10**12) + raw[8:], "corrupt or truncated safetensors header"),
+    (lambda raw: raw[:8] + b"#" + raw[9:], "not valid JSON"),
+])
+def test_corrupt_header(workdir, tmp_path, damage, match):
+    base, fts = workdir
+    file = fts[1] / "model.safetensors"
+    file.write_bytes(damage(file.read_bytes()))
+    expect_error(base, fts, tmp_path / "out", match)
+
+
+def test_overlapping_offsets_are_corrupt(workdir, tmp_path):
+    base, fts = workdir
+    file = fts[1] / "model.safetensors"
+    raw = file.read_bytes()
+    (length,) = struct.unpack("<Q", raw[:8])
+    header = json.loads(raw[8 : 8 + length])
+    first = next(k for k in header if k != "__metadata__")
+    second = next(k for k in header if k not in ("__metadata__", first))
+    header[second]["data_offsets"] = header[first]["data_offsets"]
+    header[second]["shape"] = header[first]["shape"]
+    new = json.dumps(header).encode()
+    new += b" " * (-len(new) % 8)
+    file.write_bytes(struct.pack("<Q", len(new)) + new + raw[8 + length :])
+    expect_error(base, fts, tmp_path / "out", "overlaps|gap")
+
+
+def test_wrong_n(workdir, tmp_path):
+    base, fts = workdir
+    expect_error(base, [], tmp_path / "out", "at least one fine-tuned")
+    expect_error(base, fts, tmp_path / "out", "exactly one", method="negate")
+    with pytest.raises(TaskvecError, match="at least two"):
+        merge_checkpoints(fts[:1], tmp_path / "out", method="average", progress=False)
+
+
+def test_same_checkpoint_twice(workdir, tmp_path):
+    base, fts = workdir
+    expect_error(base, [fts[0], fts[0]], tmp_path / "out", "given twice")
+
+
+def test_nonexistent_and_weightless_directories(workdir, tmp_path):
+    base, fts = workdir
+    expect_error(base, [tmp_path / "nope"], tmp_path / "out", "no such file or directory")
+    bin_only = tmp_path / "bin_only"
+    bin_only.mkdir()
+    torch.save({}, bin_only / "pytorch_model.bin")
+    expect_error(base, [bin_only], tmp_path / "out", "convert them to safetensors")
+
+
+def test_index_naming_a_missing_shard(synthetic_sets, tmp_path):
+    sset = synthetic_sets("float32", sharded=True)
+    ft = shutil.copytree(sset.finetuned[0], tmp_path / "ft")
+    next(ft.glob("model-00002-*.safetensors")).unlink()
+    expect_error(sset.base, [ft], tmp_path / "out", "which is missing")
+
+
+def test_output_inside_an_input_or_input_inside_output(workdir, tmp_path):
+    base, fts = workdir
+    expect_error(base, fts, fts[0] / "out", "inside input")
+    with pytest.raises(TaskvecError, match="inside output"):
+        merge_checkpoints(fts, tmp_path, base=base, overwrite=True, progress=False)
+
+
+def test_existing_output_needs_overwrite(workdir, tmp_path):
+    base, fts = workdir
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("precious")
+    with pytest.raises(TaskvecError, match="--overwrite"):
+        merge_checkpoints(fts, out, base=base, progress=False)
+    assert (out / "keep.txt").read_text() == "precious"
+
+
+def test_failure_midway_leaves_nothing(workdir, tmp_path, monkeypatch):
+    base, fts = workdir
+
+    def explode(self, plan, reader, writer, progress):
+        writer.write_job(plan.jobs[0], torch.zeros(plan.jobs[0].nbytes_out, dtype=torch.uint8))
+        raise TaskvecError("disk full")
+
+    monkeypatch.setattr("taskvec.merge.CpuExecutor.run", explode)
+    expect_error(base, fts, tmp_path / "out", "disk full", device="cpu")
+
+
+def test_integer_buffers_are_copied_from_the_base(workdir, tmp_path):
+    base, fts = workdir
+    rewrite(base, lambda t: t.update({"transformer.h.0.attn.masked_bias": torch.arange(6)}))
+    for i, ft in enumerate(fts):
+        rewrite(ft, lambda t, i=i: t.update({"transformer.h.0.attn.masked_bias": torch.arange(6) * (i + 5)}))
+    merge_checkpoints(fts, tmp_path / "out", base=base, progress=False)
+    from helpers import load_dir
+
+    assert torch.equal(load_dir(tmp_path / "out")["transformer.h.0.attn.masked_bias"], torch.arange(6))
+
+
+def test_untied_lm_head_in_base_reads_the_tied_embedding_of_finetunes(workdir, tmp_path):
+    from helpers import assert_close_to_reference, error_bound, load_dir, negated_mean_f64
+
+    base, fts = workdir
+    head = torch.randn(1000, 64) * 0.02
+    rewrite(base, lambda t: t.update({"lm_head.weight": head.clone()}))
+    merge_checkpoints(fts, tmp_path / "out", base=base, scale=1.0, progress=False)
+    merged = load_dir(tmp_path / "out")
+    embeddings = [load_dir(ft)["transformer.wte.weight"] for ft in fts]
+    reference = negated_mean_f64(head, embeddings, 1.0)
+    assert_close_to_reference(merged["lm_head.weight"], reference,
+                              error_bound(head, embeddings, 2.0, 0.5, reference, torch.float32))
