@@ -7,3 +7,12 @@ Every merge taskvec computes is one linear form, accumulated in float32:
 negated mean: base_coef = 1 + scale, sum_coef = -scale / N; mean task vector: -1, 1 / N;
 average: 0, 1 / N; negate one task vector tv: base_coef = 1, sum_coef = -scale with [tv].
 """
+
+import functools
+import importlib.util
+
+
+@functools.cache
+def triton_available() -> bool:
+    """Whether triton is installed, so the fused kernels can run (on a GPU, or interpreted on CPU)."""
+    return importlib.util.find_spec("triton") is not None

@@ -1,0 +1,5 @@
+"""`python -m taskvec` runs the CLI."""
+
+from taskvec.cli import main
+
+main()

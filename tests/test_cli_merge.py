@@ -1,0 +1,60 @@
+"""`taskvec merge/average/negate` through click: outputs, help, and one-line errors."""
+
+import subprocess
+import sys
+
+import torch
+from click.testing import CliRunner
+from helpers import load_dir
+
+from taskvec.cli import main
+
+
+def run(*args):
+    return CliRunner().invoke(main, [str(a) for a in args])
+
+
+def test_merge_average_negate_commands(synthetic_sets, tmp_path):
+    sset = synthetic_sets("float32")
+    result = run("merge", "--base", sset.base, "--scale", "0.5", "-o", tmp_path / "m", *sset.finetuned)
+    assert result.exit_code == 0, result.output
+    assert "wrote" in result.output and "1 shard" in result.output
+    result = run("average", "-o", tmp_path / "a", *sset.finetuned[:2], "--dtype", "bfloat16")
+    assert result.exit_code == 0, result.output
+    assert load_dir(tmp_path / "a")["transformer.wte.weight"].dtype == torch.bfloat16
+    result = run("negate", "--base", sset.base, "--finetuned", sset.finetuned[0], "-o", tmp_path / "n")
+    assert result.exit_code == 0, result.output
+    merged, negated = load_dir(tmp_path / "m"), load_dir(tmp_path / "n")
+    assert merged.keys() == negated.keys()
+
+
+def test_errors_are_one_line_without_traceback(synthetic_sets, tmp_path):
+    sset = synthetic_sets("float32")
+    result = run("merge", "--base", sset.base, "-o", tmp_path / "m", tmp_path / "missing")
+    assert result.exit_code == 1
+    assert result.output.strip().count("\n") == 0 and "no such file or directory" in result.output
+    assert "Traceback" not in result.output
+    result = run("merge", "--base", sset.base, "-o", tmp_path / "m")
+    assert result.exit_code == 2 and "Missing argument" in result.output
+    (tmp_path / "exists").mkdir()
+    result = run("merge", "--base", sset.base, "-o", tmp_path / "exists", sset.finetuned[0])
+    assert result.exit_code == 1 and "--overwrite" in result.output
+
+
+def test_help_explains_the_method():
+    result = run("merge", "--help")
+    assert result.exit_code == 0
+    assert "base - scale * (mean_i(finetuned_i) - base)" in result.output
+    assert "--max-shard-size" in result.output and "--device" in result.output
+
+
+def test_console_script_runs_and_kernels_are_namespaced(tmp_path):
+    """The installed `taskvec` entry point works, and no top-level `kernels`/`cli` module exists."""
+    version = subprocess.run([sys.executable, "-m", "taskvec", "--version"], capture_output=True,
+                             text=True, cwd=tmp_path)
+    assert version.returncode == 0 and "taskvec" in version.stdout
+    probe = ("import importlib.util as u, taskvec.kernels, taskvec.cli;"
+             "print(u.find_spec('kernels'), u.find_spec('cli'))")
+    found = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, cwd=tmp_path)
+    assert found.returncode == 0, found.stderr
+    assert found.stdout.strip() == "None None"

@@ -1,0 +1,100 @@
+"""taskvec.ops against float64 definitions, across shapes and dtypes, and TaskVector algebra."""
+
+import pytest
+import torch
+from helpers import UNIT_ROUNDOFF, assert_close_to_reference, error_bound, negated_mean_f64
+
+from taskvec import ops
+from taskvec.errors import TaskvecError
+
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+
+
+def make(shape, n, dtype, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    base = torch.randn(shape, generator=generator) * 0.02
+    fts = [base + 1e-3 * torch.randn(shape, generator=generator) for _ in range(n)]
+    return base.to(dtype), [f.to(dtype) for f in fts]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", [(1,), (127,), (33, 65), (4, 5, 6)])
+@pytest.mark.parametrize("n", [1, 2, 5])
+@pytest.mark.parametrize("scale", [0.0, 1.0, -0.75])
+def test_negated_mean(dtype, shape, n, scale):
+    base, fts = make(shape, n, dtype)
+    out = ops.negated_mean(base, fts, scale)
+    assert out.dtype == dtype and out.shape == base.shape
+    reference = negated_mean_f64(base, fts, scale)
+    assert_close_to_reference(out, reference, error_bound(base, fts, 1 + scale, scale / n, reference, dtype))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_task_vectors_and_negate(dtype):
+    base, fts = make((50, 7), 3, dtype)
+    tv = ops.task_vector(base, fts[0])
+    exact = fts[0].double() - base.double()
+    assert_close_to_reference(tv, exact, error_bound(base, fts[:1], 1, 1, exact, dtype))
+    mean_tv = ops.mean_task_vector(base, fts)
+    exact_mean = torch.stack([f.double() for f in fts]).mean(0) - base.double()
+    assert_close_to_reference(mean_tv, exact_mean, error_bound(base, fts, 1, 1 / 3, exact_mean, dtype))
+    negated = ops.negate(base, mean_tv.float(), 0.5)
+    exact_negated = base.double() - 0.5 * mean_tv.double()
+    assert_close_to_reference(negated, exact_negated,
+                              error_bound(base, [mean_tv], 1, 0.5, exact_negated, dtype))
+
+
+def test_average_and_explicit_output_dtype():
+    base, fts = make((300,), 4, torch.bfloat16)
+    out = ops.average(fts, dtype=torch.float32)
+    exact = torch.stack([f.double() for f in fts]).mean(0)
+    assert out.dtype == torch.float32
+    assert_close_to_reference(out, exact, error_bound(fts[0], fts[1:], 0.25, 0.25, exact, torch.float32))
+
+
+def test_errors_are_clear():
+    base, fts = make((8,), 2, torch.float32)
+    with pytest.raises(TaskvecError, match="at least one"):
+        ops.negated_mean(base, [], 1.0)
+    with pytest.raises(TaskvecError, match=r"tensor 1 has shape \[9\]"):
+        ops.negated_mean(base, [fts[0], torch.zeros(9)], 1.0)
+    with pytest.raises(TaskvecError, match="at least two"):
+        ops.average([base])
+
+
+def state_dicts(n=3, dtype=torch.float32):
+    generator = torch.Generator().manual_seed(1)
+    base = {"w": torch.randn(10, 4, generator=generator).to(dtype), "b": torch.randn(4, generator=generator).to(dtype),
+            "steps": torch.tensor([7])}
+    fts = [{k: (v + 1e-2 * torch.randn(v.shape, generator=generator).to(dtype)) if v.is_floating_point() else v + 1
+            for k, v in base.items()} for _ in range(n)]
+    return base, fts
+
+
+def test_taskvector_algebra_matches_the_fused_ops():
+    base, fts = state_dicts()
+    tv = ops.TaskVector.mean(base, fts)
+    assert set(tv.vector) == {"w", "b"}  # integer entries are not part of a task vector
+    detox = (-tv).apply_to(base, scale=0.6)
+    for name in ("w", "b"):
+        fused = ops.negated_mean(base[name], [f[name] for f in fts], 0.6)
+        tolerance = 8 * UNIT_ROUNDOFF[torch.float32] * (base[name].abs() + fts[0][name].abs()).max()
+        assert (detox[name] - fused).abs().max() <= tolerance
+    assert torch.equal(detox["steps"], base["steps"])
+    singles = [ops.TaskVector.from_models(base, f) for f in fts]
+    summed = sum(singles) * (1 / 3)
+    for name in ("w", "b"):
+        assert torch.allclose(summed.vector[name], tv.vector[name], atol=1e-6)
+    difference = singles[0] - singles[0]
+    assert all((v == 0).all() for v in difference.vector.values())
+
+
+def test_taskvector_errors():
+    base, fts = state_dicts()
+    with pytest.raises(TaskvecError, match="missing"):
+        ops.TaskVector.mean(base, [{"w": fts[0]["w"]}])
+    tv = ops.TaskVector.from_models(base, fts[0])
+    with pytest.raises(TaskvecError, match="different tensors"):
+        tv + ops.TaskVector({"w": tv.vector["w"]})
+    with pytest.raises(TaskvecError, match="not in the base"):
+        tv.apply_to({"w": base["w"]})
