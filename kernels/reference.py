@@ -24,16 +24,16 @@ def combine_reference(
     The sum and the linear form are computed in float32 whatever the storage dtype. ``acc``
     (float32, base's numel) and ``out`` are optional workspaces for callers that reuse buffers.
     """
-    if acc is None:
-        acc = torch.zeros(base.shape, dtype=torch.float32, device=base.device)
-    else:
-        acc = acc.view(base.shape).zero_()
-    count = 0
-    for tensor in finetuned:
-        acc.add_(tensor)
-        count += 1
-    if count == 0:
+    tensors = iter(finetuned)
+    first = next(tensors, None)
+    if first is None:
         raise ValueError("combine_reference needs at least one fine-tuned tensor")
+    if acc is None:
+        acc = first.to(torch.float32, copy=True)
+    else:
+        acc = acc.view(base.shape).copy_(first)
+    for tensor in tensors:
+        acc.add_(tensor)
     acc.mul_(sum_coef).add_(base, alpha=base_coef)
     dtype = base.dtype if dtype is None else dtype
     if out is None:

@@ -19,6 +19,7 @@ import shutil
 import tempfile
 import time
 from collections.abc import Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -250,39 +251,68 @@ class JobWriter:
             position += nbytes
 
 
+class _Slot:
+    """Output-side buffers of one job in flight: reused once its write has finished."""
+
+    def __init__(self, chunk_elems: int) -> None:
+        self.chunk_elems = chunk_elems
+        self.out_raw = torch.empty(chunk_elems * 8, dtype=torch.uint8)
+        self.accumulators: dict[torch.dtype, torch.Tensor] = {}
+        self.pending: Future | None = None
+
+    def accumulator(self, dtype: torch.dtype, numel: int) -> torch.Tensor:
+        if dtype not in self.accumulators:
+            self.accumulators[dtype] = torch.empty(self.chunk_elems, dtype=dtype)
+        return self.accumulators[dtype][:numel]
+
+    def wait(self) -> None:
+        if self.pending is not None:
+            self.pending.result()
+            self.pending = None
+
+
 class CpuExecutor:
-    """Runs jobs with the torch path: one fine-tune chunk in memory at a time, so RAM is flat in N."""
+    """Runs jobs with the torch path: one fine-tune chunk in memory at a time, so RAM is flat in N.
+
+    Results are written by a background thread (double-buffered) while the next job is read
+    and computed: os.pwrite and torch both release the GIL.
+    """
 
     def run(self, plan: MergePlan, reader: JobReader, writer: JobWriter, progress) -> None:
-        capacity = plan.chunk_elems * 8
-        base_raw = torch.empty(capacity, dtype=torch.uint8)
-        ft_raw = torch.empty(capacity, dtype=torch.uint8)
-        out_raw = torch.empty(capacity, dtype=torch.uint8)
-        accumulators: dict[torch.dtype, torch.Tensor] = {}
-        for job in plan.jobs:
-            reader.read_job(job, 0, base_raw)
-            if job.kind == "copy":
-                writer.write_job(job, base_raw[:job.nbytes_in])
-                progress.update(job.nbytes_in)
-                continue
-            acc_dtype = torch.float64 if job.in_dtype == torch.float64 else torch.float32
-            if acc_dtype not in accumulators:
-                accumulators[acc_dtype] = torch.empty(plan.chunk_elems, dtype=acc_dtype)
-            base = base_raw[:job.nbytes_in].view(job.in_dtype)
+        base_raw = torch.empty(plan.chunk_elems * 8, dtype=torch.uint8)
+        ft_raw = torch.empty(plan.chunk_elems * 8, dtype=torch.uint8)
+        slots = [_Slot(plan.chunk_elems), _Slot(plan.chunk_elems)]
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="taskvec-write") as pool:
+            try:
+                for number, job in enumerate(plan.jobs):
+                    slot = slots[number % 2]
+                    slot.wait()
+                    result = self._compute(plan, job, reader, base_raw, ft_raw, slot)
+                    slot.pending = pool.submit(writer.write_job, job, result)
+                    progress.update(job.nbytes_in * (plan.n_inputs if job.kind == "combine" else 1))
+            finally:
+                for slot in slots:
+                    slot.wait()
 
-            def finetuned(job=job) -> Iterator[torch.Tensor]:
-                for index in range(1, plan.n_inputs):
-                    reader.read_job(job, index, ft_raw)
-                    yield ft_raw[:job.nbytes_in].view(job.in_dtype)
+    @staticmethod
+    def _compute(plan, job, reader, base_raw, ft_raw, slot) -> torch.Tensor:
+        """The job's output bytes, in a buffer of `slot`."""
+        if job.kind == "copy":
+            reader.read_job(job, 0, slot.out_raw)
+            return slot.out_raw[:job.nbytes_in]
+        reader.read_job(job, 0, base_raw)
+        base = base_raw[:job.nbytes_in].view(job.in_dtype)
 
-            same = job.out_dtype == acc_dtype
-            out = None if same else out_raw[:job.nbytes_out].view(job.out_dtype)
-            result = combine_reference(
-                base, finetuned(), plan.base_coef, plan.sum_coef,
-                dtype=job.out_dtype, acc=accumulators[acc_dtype][:job.numel], out=out,
-            )
-            writer.write_job(job, result.view(torch.uint8))
-            progress.update(job.nbytes_in * plan.n_inputs)
+        def finetuned() -> Iterator[torch.Tensor]:
+            for index in range(1, plan.n_inputs):
+                reader.read_job(job, index, ft_raw)
+                yield ft_raw[:job.nbytes_in].view(job.in_dtype)
+
+        acc_dtype = torch.float64 if job.in_dtype == torch.float64 else torch.float32
+        out = None if job.out_dtype == acc_dtype else slot.out_raw[:job.nbytes_out].view(job.out_dtype)
+        result = combine_reference(base, finetuned(), plan.base_coef, plan.sum_coef,
+                                   dtype=job.out_dtype, acc=slot.accumulator(acc_dtype, job.numel), out=out)
+        return result.view(torch.uint8)
 
 
 def make_executor(device: str):
