@@ -1,0 +1,81 @@
+"""Header parsing, size parsing, shard planning and chunked reads of the streaming I/O layer."""
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from taskvec.errors import TaskvecError
+from taskvec.io.checkpoint import open_checkpoint
+from taskvec.io.safetensors_file import FileReader, OutputSpec, read_header
+from taskvec.io.shards import ShardWriter, parse_size, plan_shards, shard_names
+
+
+def test_header_matches_what_safetensors_wrote(tmp_path):
+    tensors = {"a": torch.arange(10, dtype=torch.float32), "b": torch.ones(3, 4, dtype=torch.bfloat16),
+               "mask": torch.tensor([True, False])}
+    save_file(tensors, tmp_path / "x.safetensors", metadata={"format": "pt"})
+    header = read_header(tmp_path / "x.safetensors")
+    assert header.metadata == {"format": "pt"}
+    assert {n: (e.dtype, e.shape) for n, e in header.tensors.items()} == {
+        "a": ("F32", (10,)), "b": ("BF16", (3, 4)), "mask": ("BOOL", (2,))}
+    entry = header.tensors["a"]
+    buffer = bytearray(entry.nbytes)
+    reader = FileReader()
+    reader.read_into(entry.path, entry.offset, memoryview(buffer))
+    reader.close()
+    assert torch.equal(torch.frombuffer(buffer, dtype=torch.float32), tensors["a"])
+
+
+def test_writer_output_loads_with_safetensors(tmp_path):
+    specs = [OutputSpec("w", "F32", (4, 3)), OutputSpec("i", "I64", (2,)), OutputSpec("h", "F16", (5,))]
+    values = {"w": torch.randn(4, 3), "i": torch.tensor([3, -1]), "h": torch.randn(5).half()}
+    writer = ShardWriter(tmp_path, specs, max_shard_bytes=60, metadata={"format": "pt"})
+    for name, value in reversed(values.items()):  # any order, in two pieces each
+        raw = value.flatten().view(torch.uint8).numpy()
+        half = len(raw) // 2
+        writer.write(name, half, memoryview(raw[half:]))
+        writer.write(name, 0, memoryview(raw[:half]))
+    writer.close()
+    assert writer.files == shard_names(2) == ["model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors"]
+    loaded = {}
+    for file in writer.files:
+        loaded.update(load_file(tmp_path / file))
+    assert all(torch.equal(loaded[k], v) for k, v in values.items())
+    assert open_checkpoint(tmp_path).tensors.keys() == values.keys()
+
+
+@pytest.mark.parametrize("text, size", [("50GB", 50 * 10**9), ("512MiB", 512 * 2**20), ("1.5KB", 1500),
+                                        ("100", 100), (4096, 4096)])
+def test_parse_size(text, size):
+    assert parse_size(text) == size
+
+
+@pytest.mark.parametrize("text", ["ten GB", "5XB", "0", ""])
+def test_parse_size_rejects(text):
+    with pytest.raises(TaskvecError):
+        parse_size(text)
+
+
+def test_plan_shards_keeps_order_and_gives_oversized_tensors_their_own_shard():
+    specs = [OutputSpec(n, "F32", (s,)) for n, s in [("a", 10), ("b", 10), ("big", 100), ("c", 5)]]
+    shards = plan_shards(specs, max_shard_bytes=80)
+    assert [[s.name for s in shard] for shard in shards] == [["a", "b"], ["big"], ["c"]]
+
+
+def test_single_safetensors_file_as_checkpoint(tmp_path):
+    save_file({"w": torch.zeros(2)}, tmp_path / "weights.safetensors")
+    assert list(open_checkpoint(tmp_path / "weights.safetensors").tensors) == ["w"]
+    assert list(open_checkpoint(tmp_path).tensors) == ["w"]  # the only safetensors file in a directory
+    with pytest.raises(TaskvecError, match="not a safetensors file"):
+        (tmp_path / "notes.txt").write_text("x")
+        open_checkpoint(tmp_path / "notes.txt")
+
+
+def test_unknown_dtype_in_header(tmp_path):
+    import json
+    import struct
+
+    header = json.dumps({"w": {"dtype": "Q7", "shape": [1], "data_offsets": [0, 4]}}).encode()
+    (tmp_path / "model.safetensors").write_bytes(struct.pack("<Q", len(header)) + header + bytes(4))
+    with pytest.raises(TaskvecError, match="tensor 'w': unknown dtype 'Q7'"):
+        open_checkpoint(tmp_path)
