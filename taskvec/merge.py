@@ -18,6 +18,7 @@ import json
 import shutil
 import tempfile
 import time
+from abc import ABC, abstractmethod
 from collections.abc import Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
@@ -43,7 +44,7 @@ COPIED_DTYPES = {"I64", "I32", "I16", "I8", "U8", "U16", "U32", "U64", "BOOL"}
 # --- methods ---------------------------------------------------------------------------------
 
 
-class Method:
+class Method(ABC):
     """A merge method: which checkpoints are inputs, and the two coefficients of the linear form."""
 
     name = ""
@@ -58,8 +59,9 @@ class Method:
             raise TaskvecError(f"{self.name} needs a base checkpoint (--base)")
         return [base, *finetuned]
 
+    @abstractmethod
     def coefficients(self, n: int, scale: float) -> tuple[float, float]:
-        raise NotImplementedError  # every subclass defines it
+        """(base_coef, sum_coef) for n fine-tunes."""
 
 
 class NegatedMean(Method):
@@ -347,6 +349,8 @@ def check_output(output: Path, inputs: Sequence[Path], overwrite: bool) -> None:
     target = output.resolve()
     for path in inputs:
         source = path.resolve()
+        if source.is_file():
+            source = source.parent
         if target == source or source in target.parents:
             raise TaskvecError(f"output {output} is inside input {path}; choose another directory")
         if target in source.parents:

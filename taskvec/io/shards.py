@@ -66,7 +66,7 @@ class ShardWriter:
         self._where: dict[str, tuple[int, int]] = {}
         self.weight_map: dict[str, str] = {}
         self.total_size = sum(spec.nbytes for spec in specs)
-        for file_name, shard in zip(self.files, shards):
+        for file_name, shard in zip(self.files, shards, strict=True):
             header, offsets = encode_header(shard, metadata)
             fd = os.open(self.directory / file_name, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
             self._fds.append(fd)
