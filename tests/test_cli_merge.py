@@ -5,9 +5,10 @@ import sys
 
 import torch
 from click.testing import CliRunner
-from helpers import load_dir
 
 from taskvec.cli import main
+
+from helpers import load_dir
 
 
 def run(*args):

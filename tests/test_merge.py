@@ -5,10 +5,11 @@ import json
 
 import pytest
 import torch
-from helpers import assert_close_to_reference, error_bound, load_dir, negated_mean_f64
 
 from taskvec.io.safetensors_file import read_header
 from taskvec.merge import PROVENANCE_FILE, merge_checkpoints
+
+from helpers import assert_close_to_reference, error_bound, load_dir, negated_mean_f64
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 

@@ -2,10 +2,11 @@
 
 import pytest
 import torch
-from helpers import UNIT_ROUNDOFF, assert_close_to_reference, error_bound, negated_mean_f64
 
 from taskvec import ops
 from taskvec.errors import TaskvecError
+
+from helpers import UNIT_ROUNDOFF, assert_close_to_reference, error_bound, negated_mean_f64
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 
