@@ -28,7 +28,11 @@ __all__ = [
 
 def combine(base: torch.Tensor, tensors: Sequence[torch.Tensor], base_coef: float, sum_coef: float,
             *, dtype: torch.dtype | None = None) -> torch.Tensor:
-    """``base_coef * base + sum_coef * sum(tensors)``, accumulated in float32."""
+    """``base_coef * base + sum_coef * sum(tensors)``, accumulated in float32.
+
+    CUDA tensors of one kernel dtype (float32, float16, bfloat16) run the fused Triton kernel;
+    anything else runs the torch reference.
+    """
     tensors = list(tensors)
     if not tensors:
         raise TaskvecError("at least one fine-tuned tensor is needed")
@@ -38,10 +42,11 @@ def combine(base: torch.Tensor, tensors: Sequence[torch.Tensor], base_coef: floa
         if tensor.device != base.device:
             raise TaskvecError(f"tensor {i} is on {tensor.device}, base is on {base.device}")
     if base.is_cuda and all(t.dtype == base.dtype for t in tensors) and _triton():
-        from taskvec.kernels.combine import combine_triton
+        from taskvec.kernels.combine import KERNEL_DTYPES, combine_triton
 
-        return combine_triton(base.contiguous(), [t.contiguous() for t in tensors],
-                              base_coef, sum_coef, dtype=dtype)
+        if base.dtype in KERNEL_DTYPES and (dtype or base.dtype) in KERNEL_DTYPES:
+            return combine_triton(base.contiguous(), [t.contiguous() for t in tensors],
+                                  base_coef, sum_coef, dtype=dtype)
     return combine_reference(base, tensors, base_coef, sum_coef, dtype=dtype)
 
 

@@ -1,0 +1,171 @@
+"""The merge's CUDA executor: disk reads, host-to-device copies and the fused kernel overlap.
+
+Same contract as `taskvec.merge.CpuExecutor.run(plan, reader, writer, progress)`. Each "combine"
+job goes through a two-slot pipeline:
+
+    host thread:  read input i of job k into a pinned staging buffer (2 of them, alternating)
+    copy stream:  staging buffer -> slot k%2's device buffer for input i (async)
+    compute stream: waits for the slot's copies, runs the kernel, copies the result back to
+                  the slot's pinned output buffer (async)
+    host thread:  meanwhile writes job k-1's result, then reads job k+1
+
+so the disk, PCIe and the kernel work at once. Events order the reuse: a slot's device inputs
+are refilled only after the kernel two jobs back has read them, a staging buffer only after its
+copy has left. "copy" jobs (integer tensors) never touch the GPU.
+
+On a CPU device the same code runs with synchronous stand-ins for streams and events and plain
+buffers; with TRITON_INTERPRET=1 the kernel is interpreted, which lets CI test this pipeline.
+"""
+
+from __future__ import annotations
+
+from contextlib import nullcontext
+from dataclasses import dataclass
+
+import torch
+
+from taskvec.kernels.combine import KERNEL_DTYPES, PointerTable, combine_triton, pointer_table
+from taskvec.kernels.reference import combine_reference
+
+SLOTS = 2  # double buffering: one job computing while the next one loads
+
+
+class _DoneEvent:
+    """Stand-in for torch.cuda.Event on CPU, where every copy has finished when it returns."""
+
+    def record(self, stream=None) -> None:
+        pass
+
+    def synchronize(self) -> None:
+        pass
+
+
+class _Streams:
+    """A copy stream and a compute stream on a CUDA device; synchronous stand-ins on CPU."""
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+        self.copy = torch.cuda.Stream(device) if self.cuda else None
+        self.compute = torch.cuda.Stream(device) if self.cuda else None
+
+    def event(self):
+        return torch.cuda.Event() if self.cuda else _DoneEvent()
+
+    def on(self, stream):
+        return torch.cuda.stream(stream) if self.cuda else nullcontext()
+
+    def wait(self, stream, event) -> None:
+        if self.cuda:
+            stream.wait_event(event)
+
+    def host_buffer(self, nbytes: int) -> torch.Tensor:
+        return torch.empty(nbytes, dtype=torch.uint8, pin_memory=self.cuda)
+
+    def synchronize(self) -> None:
+        if self.cuda:
+            self.copy.synchronize()
+            self.compute.synchronize()
+
+
+@dataclass
+class _Staging:
+    """A pinned host buffer that the reader fills; `free` fires when its upload has left."""
+
+    host: torch.Tensor
+    free: object
+
+
+@dataclass
+class _Slot:
+    """Device buffers for one job in flight and the pinned buffer its result comes back to."""
+
+    inputs: list[torch.Tensor]
+    out: torch.Tensor
+    host_out: torch.Tensor
+    table: PointerTable  # addresses of inputs[1:], the fine-tunes, for the kernel
+    loaded: object  # inputs uploaded
+    consumed: object  # kernel done with the inputs
+    returned: object  # result back in host_out
+
+
+class CudaExecutor:
+    """Runs a merge plan on a GPU with the fused Triton kernel, overlapping I/O and compute."""
+
+    def __init__(self, device: str | torch.device = "cuda"):
+        self.device = torch.device(device)
+        if self.device.type == "cuda" and self.device.index is None:
+            self.device = torch.device("cuda", torch.cuda.current_device())
+
+    def run(self, plan, reader, writer, progress) -> None:
+        combine_jobs = [job for job in plan.jobs if job.kind == "combine"]
+        copy_jobs = [job for job in plan.jobs if job.kind != "combine"]
+        if copy_jobs:
+            buffer = torch.empty(max(job.nbytes_in for job in copy_jobs), dtype=torch.uint8)
+            for job in copy_jobs:
+                reader.read_job(job, 0, buffer)
+                writer.write_job(job, buffer[:job.nbytes_in])
+                progress.update(job.nbytes_in)
+        if combine_jobs:
+            streams = _Streams(self.device)
+            try:
+                self._combine(plan, combine_jobs, streams, reader, writer, progress)
+            finally:
+                streams.synchronize()  # no copy may still target buffers that are being freed
+
+    def _combine(self, plan, jobs, streams, reader, writer, progress) -> None:
+        in_bytes = max(job.nbytes_in for job in jobs)
+        out_bytes = max(job.nbytes_out for job in jobs)
+        staging = [_Staging(streams.host_buffer(in_bytes), streams.event()) for _ in range(2)]
+        slots = [self._slot(plan.n_inputs, in_bytes, out_bytes, streams) for _ in range(SLOTS)]
+        pending = None
+        uploads = 0
+        for k, job in enumerate(jobs):
+            slot = slots[k % SLOTS]
+            streams.wait(streams.copy, slot.consumed)
+            for index in range(plan.n_inputs):
+                stage = staging[uploads % len(staging)]
+                uploads += 1
+                stage.free.synchronize()
+                reader.read_job(job, index, stage.host)
+                with streams.on(streams.copy):
+                    slot.inputs[index][:job.nbytes_in].copy_(stage.host[:job.nbytes_in], non_blocking=True)
+                    stage.free.record(streams.copy)
+            slot.loaded.record(streams.copy)
+            streams.wait(streams.compute, slot.loaded)
+            with streams.on(streams.compute):
+                _compute(plan, job, slot)
+                slot.consumed.record(streams.compute)
+                slot.host_out[:job.nbytes_out].copy_(slot.out[:job.nbytes_out], non_blocking=True)
+                slot.returned.record(streams.compute)
+            if pending is not None:
+                _finish(plan, *pending, writer, progress)
+            pending = (job, slot)
+        if pending is not None:
+            _finish(plan, *pending, writer, progress)
+
+    def _slot(self, n_inputs, in_bytes, out_bytes, streams) -> _Slot:
+        inputs = [torch.empty(in_bytes, dtype=torch.uint8, device=self.device) for _ in range(n_inputs)]
+        with streams.on(streams.compute):  # the table is uploaded in the order the kernels run
+            table = pointer_table(inputs[1:])
+        return _Slot(inputs, torch.empty(out_bytes, dtype=torch.uint8, device=self.device),
+                     streams.host_buffer(out_bytes), table,
+                     streams.event(), streams.event(), streams.event())
+
+
+def _compute(plan, job, slot: _Slot) -> None:
+    """The job's arithmetic on the device: the fused kernel, or torch for float64."""
+    base = slot.inputs[0][:job.nbytes_in].view(job.in_dtype)
+    finetuned = [buffer[:job.nbytes_in].view(job.in_dtype) for buffer in slot.inputs[1:]]
+    out = slot.out[:job.nbytes_out].view(job.out_dtype)
+    if job.in_dtype in KERNEL_DTYPES and job.out_dtype in KERNEL_DTYPES:
+        combine_triton(base, finetuned, plan.base_coef, plan.sum_coef, out=out, table=slot.table)
+    else:
+        acc_dtype = torch.float64 if job.in_dtype == torch.float64 else torch.float32
+        acc = torch.empty(job.numel, dtype=acc_dtype, device=base.device)
+        combine_reference(base, finetuned, plan.base_coef, plan.sum_coef, acc=acc, out=out)
+
+
+def _finish(plan, job, slot: _Slot, writer, progress) -> None:
+    slot.returned.synchronize()
+    writer.write_job(job, slot.host_out[:job.nbytes_out])
+    progress.update(job.nbytes_in * plan.n_inputs)
