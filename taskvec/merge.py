@@ -15,6 +15,7 @@ the target and renamed into place only when complete.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import tempfile
 import time
@@ -369,6 +370,7 @@ def staged_directory(output: Path, overwrite: bool) -> Iterator[Path]:
     staging = Path(tempfile.mkdtemp(prefix=f".{output.name}.partial-", dir=output.parent))
     try:
         yield staging
+        staging.chmod(0o777 & ~_umask())  # mkdtemp makes it private; the result should not be
         if output.exists():
             if not overwrite:
                 raise TaskvecError(f"output {output} already exists; pass --overwrite to replace it")
@@ -381,6 +383,12 @@ def staged_directory(output: Path, overwrite: bool) -> Iterator[Path]:
     finally:
         if staging.exists():
             shutil.rmtree(staging, ignore_errors=True)
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 # --- public entry point --------------------------------------------------------------------------

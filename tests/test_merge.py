@@ -118,3 +118,4 @@ def test_overwrite_replaces_existing_output(synthetic_sets, tmp_path):
     merge_checkpoints(sset.finetuned, out, base=sset.base, overwrite=True, progress=False)
     assert not (out / "stale.txt").exists() and (out / "model.safetensors").is_file()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # no staging or retired dirs left
+    assert out.stat().st_mode & 0o755 == 0o755  # readable by others, like a directory mkdir makes

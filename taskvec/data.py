@@ -1,0 +1,294 @@
+"""Toxic training text: load it (hub datasets or local files), split it into N disjoint sets, save them.
+
+Texts travel as JSONL, one `{"text": ...}` a line: readable with any tool, diffable, and what
+`taskvec train-splits` reads. A split directory holds `split-00.jsonl`, ... and a `splits.json`
+manifest with the seed and a hash of every file, so a split can be checked and reproduced.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import os
+import tempfile
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+from taskvec.errors import TaskvecError
+
+DEFAULT_THRESHOLD = 0.8
+FILE_SUFFIXES = (".jsonl", ".csv", ".parquet", ".txt")
+MANIFEST = "splits.json"
+MANIFEST_FORMAT = "taskvec-splits/1"
+
+
+@dataclass(frozen=True)
+class HubDataset:
+    """A known toxic corpus on the Hugging Face hub and how to pick its toxic rows."""
+
+    path: str
+    config: str | None
+    text_column: str
+    score_column: str
+
+
+HUB_DATASETS = {
+    "google/civil_comments": HubDataset("google/civil_comments", None, "text", "toxicity"),
+    "skg/toxigen-data": HubDataset("skg/toxigen-data", "train", "generation", "roberta_prediction"),
+}
+ALIASES = {"civil_comments": "google/civil_comments", "toxigen": "skg/toxigen-data"}
+
+
+def load_texts(source: str, *, text_column: str | None = None, score_column: str | None = None,
+               threshold: float | None = None, split: str = "train",
+               max_rows: int | None = None) -> list[str]:
+    """Texts of `source` whose score exceeds `threshold`, in the source's order, empty ones dropped.
+
+    `source` is a local .jsonl/.csv/.parquet/.txt file (one text a line for .txt), a known
+    corpus (`civil_comments` / `google/civil_comments`: toxicity > 0.8; `toxigen` /
+    `skg/toxigen-data`: roberta_prediction > 0.8), or any other hub dataset with a text column.
+    Columns and threshold default to the corpus's own (`text`, no filtering, for other sources);
+    a score column given without a threshold filters at 0.8. `split` applies to hub datasets only.
+    """
+    if max_rows is not None and max_rows < 1:
+        raise TaskvecError(f"max_rows must be at least 1, got {max_rows}")
+    known = HUB_DATASETS.get(ALIASES.get(source, source))
+    if known is not None:
+        text_column = text_column or known.text_column
+        score_column = score_column or known.score_column
+    text_column = text_column or "text"
+    if threshold is not None and score_column is None:
+        raise TaskvecError(f"{source}: a threshold needs a score column to compare against")
+    if score_column is not None and threshold is None:
+        threshold = DEFAULT_THRESHOLD
+
+    path = Path(source)
+    if known is None and (path.exists() or path.suffix in FILE_SUFFIXES):
+        columns = _read_file(path, [text_column] + ([score_column] if score_column else []))
+    else:
+        dataset_path = known.path if known else source
+        columns = _read_hub(dataset_path, known.config if known else None, split,
+                            [text_column] + ([score_column] if score_column else []))
+    texts = columns[text_column]
+    if score_column is not None:
+        texts = [t for t, s in zip(texts, columns[score_column]) if _score(s, source, score_column) > threshold]
+    kept = [t for t in texts if isinstance(t, str) and t.strip()]
+    if not kept:
+        rule = f" with {score_column} > {threshold}" if score_column else ""
+        raise TaskvecError(f"{source}: no non-empty texts in column {text_column!r}{rule}")
+    return kept[:max_rows]
+
+
+def _score(value, source: str, column: str) -> float:
+    if value is None:
+        return float("-inf")
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        raise TaskvecError(f"{source}: score column {column!r} holds a non-number: {value!r}") from None
+
+
+def _read_file(path: Path, columns: list[str]) -> dict[str, list]:
+    """The named columns of a local file, each as a list; a missing column is an error."""
+    if not path.is_file():
+        raise TaskvecError(f"{path}: no such file" if not path.exists() else f"{path}: not a file")
+    if path.suffix not in FILE_SUFFIXES:
+        raise TaskvecError(f"{path}: unsupported file type; use one of {', '.join(FILE_SUFFIXES)}")
+    if path.suffix == ".txt":
+        if columns != ["text"]:
+            raise TaskvecError(f"{path}: a .txt file has one text a line and no other columns")
+        return {"text": path.read_text(encoding="utf-8").splitlines()}
+    if path.suffix == ".parquet":
+        import pyarrow.parquet as pq
+
+        schema = pq.read_schema(path)
+        _require_columns(path, columns, schema.names)
+        table = pq.read_table(path, columns=columns)
+        return {name: table.column(name).to_pylist() for name in columns}
+    if path.suffix == ".csv":
+        with open(path, newline="", encoding="utf-8") as handle:
+            reader = csv.DictReader(handle)
+            _require_columns(path, columns, reader.fieldnames or [])
+            rows = list(reader)
+        return {name: [row[name] for row in rows] for name in columns}
+    rows = _json_records(path)
+    for number, row in rows:
+        missing = [name for name in columns if name not in row]
+        if missing:
+            raise TaskvecError(f"{path}:{number}: no column {missing[0]!r} (columns: {', '.join(row) or 'none'})")
+    return {name: [row[name] for _, row in rows] for name in columns}
+
+
+def _json_records(path: Path) -> list[tuple[int, dict]]:
+    """(line number, object) for each non-blank line of a JSONL file."""
+    records = []
+    with open(path, encoding="utf-8") as handle:
+        for number, line in enumerate(handle, 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise TaskvecError(f"{path}:{number}: not a JSON line ({err.msg})") from None
+            if not isinstance(record, dict):
+                raise TaskvecError(f"{path}:{number}: expected a JSON object per line")
+            records.append((number, record))
+    return records
+
+
+def _require_columns(where, wanted: list[str], available: list[str]) -> None:
+    missing = [name for name in wanted if name not in available]
+    if missing:
+        raise TaskvecError(f"{where}: no column {missing[0]!r} (columns: {', '.join(available) or 'none'})")
+
+
+def _read_hub(dataset_path: str, config: str | None, split: str, columns: list[str]) -> dict[str, list]:
+    """The named columns of a hub dataset split, through datasets.load_dataset (cached locally)."""
+    import datasets
+
+    hint = "or pass a local .jsonl/.csv/.parquet/.txt file (with --text-column, and --score-column to filter)"
+    try:
+        dataset = datasets.load_dataset(dataset_path, config, split=split)
+    except ConnectionError as err:
+        raise TaskvecError(
+            f"{dataset_path}: the Hugging Face hub cannot be reached and the dataset is not cached "
+            f"({_first_line(err)}); download it where the hub is reachable, {hint}"
+        ) from None
+    except (OSError, ValueError) as err:
+        raise TaskvecError(f"{dataset_path}: not a local file and not loadable from the hub "
+                           f"({_first_line(err)}); {hint}") from None
+    _require_columns(f"{dataset_path} ({split})", columns, dataset.column_names)
+    table = dataset.with_format("arrow")  # whole columns at once: row-by-row access is 100x slower
+    return {name: table[name].to_pylist() for name in columns}
+
+
+def _first_line(err: Exception) -> str:
+    return (str(err).strip().splitlines() or [type(err).__name__])[0]
+
+
+def write_jsonl(texts: Iterable[str], path: str | Path) -> Path:
+    """Write one `{"text": ...}` per line, atomically (a temporary file beside `path`, renamed)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle = tempfile.NamedTemporaryFile("w", encoding="utf-8", dir=path.parent,
+                                         prefix=f".{path.name}.", suffix=".tmp", delete=False)
+    try:
+        with handle:
+            for text in texts:
+                handle.write(json.dumps({"text": text}, ensure_ascii=False) + "\n")
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(handle.name, path)
+    except BaseException:
+        Path(handle.name).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def read_jsonl(path: str | Path) -> list[str]:
+    """The `text` field of every line of a JSONL file written by write_jsonl (or alike)."""
+    path = Path(path)
+    if not path.is_file():
+        raise TaskvecError(f"{path}: no such file")
+    texts = []
+    for number, record in _json_records(path):
+        text = record.get("text")
+        if not isinstance(text, str):
+            raise TaskvecError(f"{path}:{number}: no string 'text' field")
+        texts.append(text)
+    return texts
+
+
+def split_order(n_texts: int, seed: int) -> list[int]:
+    """A seeded permutation of range(n_texts), the same on every Python and platform.
+
+    Sorting by a keyed hash of each index avoids depending on random's or numpy's algorithms,
+    which are free to change between versions.
+    """
+    key = seed.to_bytes(8, "little", signed=True)
+    return sorted(range(n_texts), key=lambda i: hashlib.blake2b(i.to_bytes(8, "little"), key=key).digest())
+
+
+def split_texts(texts: list[str], n_splits: int, seed: int = 0) -> list[list[str]]:
+    """Deal seeded-shuffled texts into n_splits disjoint lists whose sizes differ by at most one."""
+    if n_splits < 1:
+        raise TaskvecError(f"the number of splits must be at least 1, got {n_splits}")
+    if not texts:
+        raise TaskvecError("cannot split an empty dataset")
+    if n_splits > len(texts):
+        raise TaskvecError(f"cannot make {n_splits} non-empty splits of {len(texts)} texts")
+    order = split_order(len(texts), seed)
+    return [[texts[i] for i in order[k::n_splits]] for k in range(n_splits)]
+
+
+def texts_hash(texts: Iterable[str]) -> str:
+    """sha256 of the texts as write_jsonl stores them, to tell data sets apart."""
+    digest = hashlib.sha256()
+    for text in texts:
+        digest.update((json.dumps({"text": text}, ensure_ascii=False) + "\n").encode())
+    return digest.hexdigest()
+
+
+def split_file(k: int) -> str:
+    return f"split-{k:02d}.jsonl"
+
+
+def save_splits(texts: list[str], n_splits: int, output_dir: str | Path, seed: int = 0, *,
+                source: str | None = None, overwrite: bool = False) -> list[Path]:
+    """Split `texts` and write `output_dir/split-00.jsonl`, ... and the `splits.json` manifest.
+
+    Everything is written into a temporary directory beside `output_dir` and renamed into place
+    last, so a split directory either is complete or does not exist.
+    """
+    from taskvec.merge import staged_directory
+
+    output_dir = Path(output_dir)
+    if output_dir.exists() and not overwrite:
+        raise TaskvecError(f"output {output_dir} already exists; pass --overwrite to replace it")
+    if source and output_dir.resolve() in Path(source).resolve().parents:
+        raise TaskvecError(f"input {source} is inside output {output_dir}; choose another directory")
+    splits = split_texts(texts, n_splits, seed)
+    with staged_directory(output_dir, overwrite) as staging:
+        for k, split in enumerate(splits):
+            write_jsonl(split, staging / split_file(k))
+        manifest = {
+            "format": MANIFEST_FORMAT,
+            "n_splits": n_splits,
+            "seed": seed,
+            "n_texts": len(texts),
+            "source": source,
+            "source_sha256": texts_hash(texts),
+            "splits": [{"file": split_file(k), "size": len(split), "sha256": texts_hash(split)}
+                       for k, split in enumerate(splits)],
+        }
+        (staging / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
+    return [output_dir / split_file(k) for k in range(n_splits)]
+
+
+def read_manifest(splits_dir: str | Path) -> dict:
+    """The `splits.json` of a split directory, checked for the fields train-splits relies on."""
+    path = Path(splits_dir) / MANIFEST
+    if not path.is_file():
+        raise TaskvecError(f"{splits_dir}: not a split directory (no {MANIFEST}; make one with `taskvec data split`)")
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as err:
+        raise TaskvecError(f"{path}: not valid JSON ({err.msg})") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != MANIFEST_FORMAT:
+        raise TaskvecError(f"{path}: not a {MANIFEST_FORMAT} manifest")
+    return manifest
+
+
+def read_split(splits_dir: str | Path, k: int) -> list[str]:
+    """Texts of split k, checked against the manifest's hash so a changed file is caught."""
+    manifest = read_manifest(splits_dir)
+    n_splits = manifest["n_splits"]
+    if not 0 <= k < n_splits:
+        raise TaskvecError(f"{splits_dir}: split index {k} out of range (0..{n_splits - 1})")
+    entry = manifest["splits"][k]
+    texts = read_jsonl(Path(splits_dir) / entry["file"])
+    if texts_hash(texts) != entry["sha256"]:
+        raise TaskvecError(f"{Path(splits_dir) / entry['file']}: contents differ from {MANIFEST} (file changed after splitting)")
+    return texts

@@ -1,0 +1,77 @@
+"""Prompts for toxicity evaluation: RealToxicityPrompts' challenging subset, or a local file."""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+from taskvec.errors import TaskvecError
+
+RTP = "allenai/real-toxicity-prompts"
+
+
+def load_hub_dataset(name: str, config: str | None, split: str, local_option: str):
+    """datasets.load_dataset, with one clear error (naming the local alternative) when it fails."""
+    import datasets
+
+    try:
+        return datasets.load_dataset(name, config, split=split)
+    except Exception as err:  # offline, unknown name, missing split: datasets raises many types
+        raise TaskvecError(
+            f"cannot load the Hugging Face dataset {name!r} ({type(err).__name__}: "
+            f"{' '.join(str(err).split())[:150]}); offline, pass local data with {local_option}"
+        ) from err
+
+
+def load_prompts(source: str | Path | None = None, *, n: int | None = None, seed: int = 0) -> list[str]:
+    """`n` prompts, sampled with `seed`: from a local file, or from RealToxicityPrompts' challenging
+    subset when `source` is None (n defaults to 1000 there, and to the whole file otherwise)."""
+    if source is None:
+        rows = load_hub_dataset(RTP, None, "train", "--prompts FILE (.txt or .jsonl)")
+        rows = rows.filter(lambda row: bool(row["challenging"]))
+        count = min(1000 if n is None else n, len(rows))
+        return [prompt["text"] for prompt in rows.shuffle(seed=seed).select(range(count))["prompt"]]
+    prompts = read_prompt_file(source)
+    if n is not None and n < len(prompts):
+        prompts = random.Random(seed).sample(prompts, n)
+    return prompts
+
+
+def read_prompt_file(path: str | Path) -> list[str]:
+    """Prompts from a .jsonl file (`prompt` a string or {"text": ...} as in RealToxicityPrompts)
+    or a text file (one prompt per line; blank lines skipped)."""
+    path = Path(path)
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as err:
+        raise TaskvecError(f"cannot read prompt file {path} ({type(err).__name__})") from err
+    if path.suffix == ".jsonl":
+        prompts = [_jsonl_prompt(path, number, line) for number, line in enumerate(lines, 1) if line.strip()]
+    else:
+        prompts = [line for line in lines if line.strip()]
+    if not prompts:
+        raise TaskvecError(f"prompt file {path} has no prompts")
+    return prompts
+
+
+def _jsonl_prompt(path: Path, number: int, line: str) -> str:
+    try:
+        prompt = text_field(json.loads(line), "prompt")
+    except (ValueError, TypeError) as err:
+        raise TaskvecError(f"{path}:{number}: {err}") from err
+    if not prompt.strip():
+        raise TaskvecError(f"{path}:{number}: empty prompt")
+    return prompt
+
+
+def text_field(record, key: str) -> str:
+    """record[key] as a string, accepting RealToxicityPrompts' {"text": ...} objects."""
+    if not isinstance(record, dict) or key not in record:
+        raise ValueError(f"expected a JSON object with a {key!r} field")
+    value = record[key]
+    if isinstance(value, dict):
+        value = value.get("text")
+    if not isinstance(value, str):
+        raise ValueError(f"{key!r} must be a string or an object with a 'text' string")
+    return value

@@ -1,0 +1,356 @@
+"""Fine-tune a causal LM on one text set, or on every split of a split directory.
+
+The transformers Trainer does the work, so the same code runs on a CPU, one GPU, or several
+through `torchrun`/`accelerate launch`, and a killed run resumes from its last checkpoint.
+Checkpoints live in `.<output>.checkpoints` beside the output; the finished model is moved into
+place only when complete, with `taskvec-train.json` (what was trained, on what, how) as its
+marker, so a finished fine-tune is never retrained and a half-written one never looks finished.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sys
+import time
+from collections.abc import Iterable, Sequence
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import transformers
+from tqdm.auto import tqdm
+from transformers import Trainer, TrainerCallback, TrainingArguments
+from transformers.trainer_callback import PrinterCallback
+from transformers.trainer_utils import get_last_checkpoint
+
+from taskvec import __version__
+from taskvec.data import read_jsonl, read_manifest, read_split, texts_hash
+from taskvec.errors import TaskvecError
+from taskvec.merge import check_output, staged_directory
+
+MARKER = "taskvec-train.json"
+RUN_FILE = "taskvec-run.json"
+FINAL = "final"  # in the checkpoint directory: the finished model before it moves into place
+PRECISIONS = ("fp32", "bf16", "fp16")
+# Settings that change how often a run saves or logs, not the weights it produces.
+BOOKKEEPING = frozenset({"save_steps", "save_total_limit", "logging_steps"})
+
+
+@dataclass
+class TrainConfig:
+    """Fine-tuning settings; the defaults are the original recipe (AdamW, linear schedule).
+
+    batch_size is per device: with P processes the effective batch is
+    P * batch_size * gradient_accumulation_steps. max_steps, when set, overrides epochs.
+    ascent=True trains by gradient ascent on the LM loss (the classic unlearning baseline).
+    """
+
+    learning_rate: float = 1e-5
+    batch_size: int = 16
+    epochs: float = 5
+    max_length: int = 128
+    weight_decay: float = 0.0
+    warmup_steps: int = 0
+    seed: int = 0
+    ascent: bool = False
+    max_steps: int | None = None
+    gradient_accumulation_steps: int = 1
+    max_grad_norm: float = 1.0
+    precision: str = "fp32"
+    save_steps: int = 500
+    save_total_limit: int | None = 2
+    logging_steps: int = 50
+
+    def validate(self) -> None:
+        positive = {"learning_rate": self.learning_rate, "batch_size": self.batch_size,
+                    "epochs": self.epochs, "max_length": self.max_length,
+                    "gradient_accumulation_steps": self.gradient_accumulation_steps,
+                    "save_steps": self.save_steps, "logging_steps": self.logging_steps}
+        if self.max_steps is not None:
+            positive["max_steps"] = self.max_steps
+        for name, value in positive.items():
+            if not value > 0:
+                raise TaskvecError(f"{name} must be positive, got {value}")
+        for name in ("weight_decay", "warmup_steps", "max_grad_norm"):
+            if getattr(self, name) < 0:
+                raise TaskvecError(f"{name} must not be negative, got {getattr(self, name)}")
+        if self.precision not in PRECISIONS:
+            raise TaskvecError(f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
+
+
+class AscentTrainer(Trainer):
+    """Gradient ascent: the negated LM loss, so the optimizer pushes the likelihood down."""
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        loss, outputs = super().compute_loss(model, inputs, return_outputs=True,
+                                             num_items_in_batch=num_items_in_batch)
+        return (-loss, outputs) if return_outputs else -loss
+
+
+class PadCollator:
+    """Pad a batch to its longest example; padding is masked out of attention and loss."""
+
+    def __init__(self, pad_id: int) -> None:
+        self.pad_id = pad_id
+
+    def __call__(self, features: list[dict]) -> dict[str, torch.Tensor]:
+        width = max(len(f["input_ids"]) for f in features)
+        input_ids = torch.full((len(features), width), self.pad_id, dtype=torch.long)
+        attention_mask = torch.zeros((len(features), width), dtype=torch.long)
+        labels = torch.full((len(features), width), -100, dtype=torch.long)
+        for row, feature in enumerate(features):
+            ids = torch.tensor(feature["input_ids"], dtype=torch.long)
+            input_ids[row, : len(ids)] = ids
+            attention_mask[row, : len(ids)] = 1
+            labels[row, : len(ids)] = ids
+        return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+
+
+def load_causal_lm(model_dir: str | Path):
+    """(tokenizer, float32 model, the checkpoint's own dtype), or a TaskvecError saying why not."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    try:
+        config = AutoConfig.from_pretrained(model_dir)
+    except (OSError, ValueError) as err:
+        if Path(model_dir).exists():
+            raise TaskvecError(f"{model_dir}: not a model directory ({_first_line(err)})") from None
+        raise TaskvecError(f"{model_dir}: no such directory, and not loadable from the Hugging Face hub "
+                           f"({_first_line(err)}); pass a local model directory") from None
+    architectures = config.architectures or []
+    causal = set(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values())
+    if config.model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES or (
+        architectures and not any(name in causal for name in architectures)
+    ):
+        kind = ", ".join(architectures) or config.model_type
+        raise TaskvecError(f"{model_dir}: {kind} is not a causal language model (AutoModelForCausalLM)")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    except (OSError, ValueError, TypeError) as err:
+        raise TaskvecError(f"{model_dir}: cannot load its tokenizer ({_first_line(err)})") from None
+    # Train in float32 whatever the checkpoint stores (AdamW on half-precision weights stalls);
+    # the result is saved back in the checkpoint's dtype so that `taskvec merge` can pair them.
+    saved_dtype = config.dtype if isinstance(config.dtype, torch.dtype) else torch.float32
+    model = AutoModelForCausalLM.from_pretrained(model_dir, config=config, dtype=torch.float32)
+    return tokenizer, model, saved_dtype
+
+
+def _first_line(err: Exception) -> str:
+    return (str(err).strip().splitlines() or [type(err).__name__])[0]
+
+
+def tokenize(texts: Sequence[str], tokenizer, max_length: int) -> list[dict]:
+    """Token ids of each text, ending with EOS (where the tokenizer has one), at most max_length.
+
+    Examples shorter than two tokens are dropped: they give no next-token target.
+    """
+    eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    encoded = tokenizer(list(texts), add_special_tokens=False)["input_ids"]
+    examples = [{"input_ids": (ids + eos)[:max_length]} for ids in encoded]
+    return [example for example in examples if len(example["input_ids"]) >= 2]
+
+
+def run_record(model_dir: str | Path, texts: Sequence[str], config: TrainConfig) -> dict:
+    """What determines a fine-tune's weights: base model, data and settings (not bookkeeping)."""
+    base = Path(model_dir)
+    return {
+        "base_model": str(base.resolve()) if base.exists() else str(model_dir),
+        "data_sha256": texts_hash(texts),
+        "n_texts": len(texts),
+        "config": {k: v for k, v in asdict(config).items() if k not in BOOKKEEPING},
+    }
+
+
+def _difference(old: dict, new: dict) -> str:
+    flat_old = {**old, **old.get("config", {})}
+    flat_new = {**new, **new.get("config", {})}
+    names = [k for k in {**flat_old, **flat_new} if k != "config" and flat_old.get(k) != flat_new.get(k)]
+    if not names:
+        return "settings differ"
+    return f"{names[0]} was {flat_old.get(names[0])!r}, now {flat_new.get(names[0])!r}"
+
+
+def finished_record(output_dir: Path) -> dict | None:
+    """The run record of a finished fine-tune in output_dir, or None if it is not one."""
+    try:
+        return json.loads((output_dir / MARKER).read_text(encoding="utf-8"))["run"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def finetune(model_dir: str | Path, texts: Iterable[str] | str | Path, output_dir: str | Path,
+             config: TrainConfig | None = None, *, overwrite: bool = False,
+             progress: bool | None = None, callbacks: Sequence[TrainerCallback] = ()) -> Path:
+    """Fine-tune the causal LM in `model_dir` on `texts` (or a JSONL file of them); return output_dir.
+
+    The output is a safetensors model directory (config, tokenizer, weights in the base's dtype)
+    that `taskvec merge` takes as is. A finished output with the same base, data and settings is
+    returned untouched; a different one is an error unless `overwrite`. Checkpoints of the same
+    run left by a killed process are resumed; those of another run are an error unless
+    `overwrite` (which deletes them).
+    """
+    config = config or TrainConfig()
+    config.validate()
+    output_dir = Path(output_dir)
+    texts = read_jsonl(texts) if isinstance(texts, (str, Path)) else list(texts)
+    if not texts:
+        raise TaskvecError(f"{output_dir}: no texts to train on")
+    record = run_record(model_dir, texts, config)
+    if output_dir.exists() and not overwrite:
+        finished = finished_record(output_dir)
+        if finished is None:
+            raise TaskvecError(f"output {output_dir} exists and is not a finished fine-tune; "
+                               "pass --overwrite to replace it")
+        if finished != record:
+            raise TaskvecError(f"output {output_dir} was trained differently ({_difference(finished, record)}); "
+                               "pass --overwrite to retrain")
+        return output_dir
+    if Path(model_dir).exists():
+        check_output(output_dir, [Path(model_dir)], overwrite=True)
+
+    progress = sys.stderr.isatty() if progress is None else progress
+    with _hf_progress_bars(progress):
+        tokenizer, model, saved_dtype = load_causal_lm(model_dir)
+        dataset = tokenize(texts, tokenizer, config.max_length)
+        if not dataset:
+            raise TaskvecError(f"{output_dir}: every text is shorter than two tokens; nothing to train on")
+        workdir = output_dir.parent / f".{output_dir.name}.checkpoints"
+        args = _training_arguments(workdir, config, progress)  # sets up torch.distributed if launched so
+        if args.process_index == 0:
+            _prepare_workdir(workdir, record, overwrite)
+        args.distributed_state.wait_for_everyone()
+
+        started = time.time()
+        trainer = _make_trainer(model, tokenizer, dataset, args, config, progress, callbacks)
+        result = trainer.train(resume_from_checkpoint=get_last_checkpoint(str(workdir)))
+        if saved_dtype != torch.float32:
+            trainer.model.to(saved_dtype)
+        trainer.save_model(str(workdir / FINAL))
+    if trainer.is_world_process_zero():
+        marker = {"format": "taskvec-train/1", "run": record, "global_step": result.global_step,
+                  "train_loss": result.training_loss, "seconds": round(time.time() - started, 3),
+                  "taskvec_version": __version__, "transformers_version": transformers.__version__}
+        with staged_directory(output_dir, overwrite=True) as staging:
+            for file in (workdir / FINAL).iterdir():
+                if file.name != "training_args.bin":  # a pickle of the Trainer's arguments
+                    file.rename(staging / file.name)
+            (staging / MARKER).write_text(json.dumps(marker, indent=2) + "\n", encoding="utf-8")
+        shutil.rmtree(workdir)
+    trainer.accelerator.wait_for_everyone()
+    return output_dir
+
+
+def _prepare_workdir(workdir: Path, record: dict, overwrite: bool) -> None:
+    """Create the checkpoint directory, or keep its checkpoints for resuming if it holds this run.
+
+    Its `final` subdirectory, where the finished model is saved before being moved into place,
+    is made empty here, before other processes could try to save into it.
+    """
+    run_file = workdir / RUN_FILE
+    if workdir.exists():
+        try:
+            previous = json.loads(run_file.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            previous = None
+        if previous != record:
+            if not overwrite:
+                why = _difference(previous, record) if isinstance(previous, dict) else "no run record"
+                raise TaskvecError(f"{workdir} holds checkpoints of another run ({why}); "
+                                   "pass --overwrite to discard them")
+            shutil.rmtree(workdir)
+    if not workdir.exists():
+        workdir.mkdir(parents=True)
+        run_file.write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
+    shutil.rmtree(workdir / FINAL, ignore_errors=True)
+    (workdir / FINAL).mkdir()
+
+
+def _training_arguments(workdir: Path, config: TrainConfig, progress: bool) -> TrainingArguments:
+    return TrainingArguments(
+        output_dir=str(workdir),
+        per_device_train_batch_size=config.batch_size,
+        num_train_epochs=config.epochs,
+        max_steps=config.max_steps or -1,
+        learning_rate=config.learning_rate,
+        lr_scheduler_type="linear",
+        warmup_steps=config.warmup_steps,
+        weight_decay=config.weight_decay,
+        max_grad_norm=config.max_grad_norm,
+        gradient_accumulation_steps=config.gradient_accumulation_steps,
+        bf16=config.precision == "bf16",
+        fp16=config.precision == "fp16",
+        seed=config.seed,
+        data_seed=config.seed,
+        save_strategy="steps",
+        save_steps=config.save_steps,
+        save_total_limit=config.save_total_limit,
+        logging_steps=config.logging_steps,
+        report_to="none",
+        disable_tqdm=not progress,
+        remove_unused_columns=False,
+        dataloader_pin_memory=torch.cuda.is_available(),
+    )
+
+
+def _make_trainer(model, tokenizer, dataset, args: TrainingArguments, config: TrainConfig, progress: bool,
+                  callbacks: Sequence[TrainerCallback]) -> Trainer:
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    trainer_class = AscentTrainer if config.ascent else Trainer
+    trainer = trainer_class(model=model, args=args, train_dataset=dataset, processing_class=tokenizer,
+                            data_collator=PadCollator(pad_id or 0), callbacks=list(callbacks))
+    if not progress:
+        trainer.remove_callback(PrinterCallback)  # it prints every log line when tqdm is off
+    return trainer
+
+
+@contextmanager
+def _hf_progress_bars(enabled: bool):
+    """Turn transformers' own bars (loading, saving shards) off for a quiet run, then restore."""
+    from transformers.utils import logging as hf_logging
+
+    was_enabled = hf_logging.is_progress_bar_enabled()
+    if not enabled:
+        hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            hf_logging.enable_progress_bar()
+
+
+def is_main_process() -> bool:
+    """False in the extra processes torchrun or accelerate launch start, which should stay quiet."""
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def split_dir(output_dir: Path, k: int) -> Path:
+    return Path(output_dir) / f"split-{k:02d}"
+
+
+def train_splits(base_model: str | Path, splits_dir: str | Path, output_dir: str | Path,
+                 config: TrainConfig | None = None, split_index: int | None = None, *,
+                 overwrite: bool = False, progress: bool | None = None,
+                 callbacks: Sequence[TrainerCallback] = ()) -> list[Path]:
+    """Fine-tune `base_model` once per split into `output_dir/split-00`, ...; return those paths.
+
+    With `split_index` only that split is trained, so N scheduler jobs can share the work; its
+    weights equal those of the same split in a full run. Finished splits are skipped, killed
+    ones resume. Every split file is checked against the manifest before training starts.
+    """
+    manifest = read_manifest(splits_dir)
+    n_splits = manifest["n_splits"]
+    if split_index is not None and not 0 <= split_index < n_splits:
+        raise TaskvecError(f"split index {split_index} out of range: {splits_dir} has splits 0..{n_splits - 1}")
+    indices = range(n_splits) if split_index is None else [split_index]
+    texts = {k: read_split(splits_dir, k) for k in indices}
+    progress = sys.stderr.isatty() if progress is None else progress
+    show_bar = progress and len(indices) > 1 and is_main_process()
+    paths = []
+    for k in tqdm(indices, desc="splits", unit="split", disable=not show_bar):
+        paths.append(finetune(base_model, texts[k], split_dir(output_dir, k), config,
+                              overwrite=overwrite, progress=progress, callbacks=callbacks))
+    return paths
