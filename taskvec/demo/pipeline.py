@@ -1,0 +1,214 @@
+"""Run the whole method on the demo's small model, through the library's real code paths.
+
+Every stage calls the function a real run calls (`taskvec.data.save_splits`,
+`taskvec.train.finetune` / `train_splits`, `taskvec.merge.merge_checkpoints`,
+`taskvec.eval.evaluate` / `compare_runs`); only the texts and the model's size are the demo's
+own. The output directory is a workspace that keeps every intermediate product, each written
+atomically by the stage that makes it, so a user can inspect or reuse them with the other
+`taskvec` commands. A marker file says the directory is the demo's, so that rerunning the demo
+may replace it while any other directory is refused unless overwriting was asked for.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from taskvec import __version__
+from taskvec.demo.corpus import DemoCorpus, make_corpus
+from taskvec.demo.model import write_untrained_model
+from taskvec.demo.settings import DEFAULT, QUICK, DemoSettings
+from taskvec.demo.verdict import Check, judge, summarize
+from taskvec.errors import TaskvecError
+
+MARKER = "taskvec-demo.json"
+RUNS = ("base", "finetuned", "single", "merged")
+LEGEND = """\
+base:      the small LM, trained on mostly clean text
+finetuned: the base fine-tuned on toxic split 0
+single:    base - scale * (finetuned - base), one task vector (the baseline)
+merged:    base - scale * (mean of the N fine-tunes - base)"""
+STAGES = 7
+
+
+@dataclass(frozen=True)
+class DemoResult:
+    output: Path
+    rows: list[dict]
+    checks: list[Check]
+    table: str
+    report: str
+    plot: Path
+
+
+def prepare_output(output: Path, overwrite: bool) -> None:
+    """Start from an empty directory: a previous demo's is replaced, anything else only if asked."""
+    if output.exists():
+        if not output.is_dir():
+            raise TaskvecError(f"output {output} exists and is not a directory")
+        if output.resolve() in (Path.cwd(), *Path.cwd().parents):
+            raise TaskvecError(f"output {output} holds the current directory; choose another directory")
+        ours = (output / MARKER).is_file()
+        if any(output.iterdir()) and not ours and not overwrite:
+            raise TaskvecError(f"output {output} exists and is not a taskvec demo directory; "
+                               "pass --overwrite to replace it")
+        shutil.rmtree(output)
+    output.mkdir(parents=True)
+
+
+def run_demo(output: str | Path = "taskvec-demo", *, splits: int = 5, scale: float = 0.5,
+             quick: bool = False, seed: int = 0, overwrite: bool = False,
+             threads: int | None = 1, settings: DemoSettings | None = None,
+             echo: Callable[[str], None] = print, progress: bool | None = None) -> DemoResult:
+    """Train, fine-tune, merge, evaluate and compare; return the table and the verdict.
+
+    threads: torch CPU threads while the demo runs (None: leave torch's setting). One is the
+    default because a model this small gains little from more, and loses a lot when the cores
+    are busy with other work (threads then wait for each other at every operation).
+    settings: sizes and hyper-parameters (default: `DEFAULT`, or `QUICK` with quick=True).
+    echo: where stage messages go. progress: tqdm bars (None: only on a terminal).
+    """
+    import torch
+
+    previous = torch.get_num_threads()
+    if threads is not None:
+        if threads < 1:
+            raise TaskvecError(f"--threads must be at least 1, got {threads}")
+        torch.set_num_threads(threads)
+    try:
+        return _run(Path(output), splits, scale, settings or (QUICK if quick else DEFAULT), seed,
+                    overwrite, echo, progress)
+    finally:
+        torch.set_num_threads(previous)
+
+
+def _run(output: Path, splits: int, scale: float, settings: DemoSettings, seed: int, overwrite: bool,
+         echo: Callable[[str], None], progress: bool | None) -> DemoResult:
+    from taskvec.eval import compare_runs, format_table
+    from taskvec.merge import merge_checkpoints
+    from taskvec.train import finetune, train_splits
+
+    if splits < 2:
+        raise TaskvecError(f"--splits must be at least 2 (averaging needs several fine-tunes), got {splits}")
+    if not scale > 0:
+        raise TaskvecError(f"--scale must be positive, got {scale}")
+    if splits > settings.toxic_docs:
+        raise TaskvecError(f"--splits {splits} exceeds the {settings.toxic_docs} toxic documents")
+    prepare_output(output, overwrite)
+    record = {"format": "taskvec-demo/1", "taskvec_version": __version__, "status": "running",
+              "splits": splits, "scale": scale, "seed": seed, "settings": asdict(settings)}
+    _write_json(output / MARKER, record)
+    stage = _Stages(echo)
+
+    stage("Writing the corpus: clean text with a little toxicity, a toxic corpus, prompts")
+    corpus = make_corpus(pretrain_docs=settings.pretrain_docs, heldout_docs=settings.heldout_docs,
+                         toxic_docs=settings.toxic_docs, prompts=settings.prompts,
+                         pretrain_toxic_rate=settings.pretrain_toxic_rate, toxic_rate=settings.toxic_rate,
+                         seed=seed)
+    data = output / "data"
+    heldout = _write_corpus(data, corpus, splits, seed)
+
+    stage(f"Training a byte-level BPE tokenizer and initialising a {settings.size.n_layer}-layer GPT-2")
+    untrained = write_untrained_model(output / "models" / "untrained",
+                                      corpus.pretrain + corpus.toxic, settings.size, seed)
+
+    stage(f"Pretraining the base on {len(corpus.pretrain)} documents")
+    base = finetune(untrained, data / "pretrain.jsonl", output / "models" / "base",
+                    _train_config(settings, settings.pretrain_lr, settings.pretrain_epochs, seed,
+                                  len(corpus.pretrain)), progress=progress)
+
+    stage(f"Fine-tuning the base on each of the {splits} toxic splits")
+    finetuned = train_splits(base, data / "toxic-splits", output / "models" / "finetuned",
+                             _train_config(settings, settings.finetune_lr, settings.finetune_epochs, seed,
+                                           len(corpus.toxic) // splits),
+                             progress=progress)
+
+    stage(f"Negating task vectors at scale {scale}: the mean of {splits} (merged) and split 0's alone (single)")
+    merged = output / "models" / "merged"
+    single = output / "models" / "single"
+    merge_checkpoints(finetuned, merged, base=base, method="negated_mean", scale=scale, progress=progress)
+    merge_checkpoints(finetuned[:1], single, base=base, method="negate", scale=scale, progress=progress)
+
+    stage("Evaluating perplexity on held-out clean text and toxicity of generations")
+    runs = _evaluate(dict(zip(RUNS, (base, finetuned[0], single, merged))), output / "eval", [heldout],
+                     corpus.prompts, settings, seed, progress, echo)
+
+    stage("Comparing")
+    plot = output / "comparison.png"
+    rows = compare_runs(runs, plot, labels=list(RUNS))
+    checks = judge(dict(zip(RUNS, rows)))
+    table = format_table(rows)
+    report = "\n".join([table, "", LEGEND, "", summarize(checks)])
+    (output / "report.txt").write_text(report + "\n", encoding="utf-8")
+    record.update(status="complete", seconds=round(stage.elapsed(), 1), rows=rows,
+                  checks=[asdict(c) for c in checks], passed=all(c.passed for c in checks))
+    _write_json(output / MARKER, record)
+    return DemoResult(output, rows, checks, table, report, plot)
+
+
+class _Stages:
+    """Numbered stage messages, each with the time spent before it."""
+
+    def __init__(self, echo: Callable[[str], None]) -> None:
+        self.echo, self.number, self.started = echo, 0, time.perf_counter()
+
+    def __call__(self, message: str) -> None:
+        self.number += 1
+        self.echo(f"[{self.number}/{STAGES}, {self.elapsed():.0f}s elapsed] {message}")
+
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.started
+
+
+def _write_corpus(folder: Path, corpus: DemoCorpus, splits: int, seed: int) -> str:
+    """Write the texts as the files a real run starts from; return the held-out text.
+
+    The held-out documents become one text: perplexity joins texts with blank lines, which the
+    model never saw in training.
+    """
+    from taskvec.data import save_splits, write_jsonl
+
+    folder.mkdir(parents=True)
+    heldout = " ".join(corpus.heldout)
+    (folder / "heldout.txt").write_text(heldout + "\n", encoding="utf-8")
+    (folder / "prompts.txt").write_text("\n".join(corpus.prompts) + "\n", encoding="utf-8")
+    write_jsonl(corpus.pretrain, folder / "pretrain.jsonl")
+    toxic = write_jsonl(corpus.toxic, folder / "toxic.jsonl")
+    save_splits(corpus.toxic, splits, folder / "toxic-splits", seed=seed, source=str(toxic))
+    return heldout
+
+
+def _train_config(settings: DemoSettings, lr: float, epochs: float, seed: int, n_texts: int):
+    """TrainConfig for the demo: the high learning rates need a warm-up, a tenth of the steps."""
+    from taskvec.train import TrainConfig
+
+    steps = int(epochs * -(-n_texts // settings.batch_size))
+    return TrainConfig(learning_rate=lr, epochs=epochs, batch_size=settings.batch_size,
+                       max_length=settings.max_length, warmup_steps=steps // 10, seed=seed)
+
+
+def _evaluate(models: dict[str, Path], folder: Path, ppl_texts: list[str], prompts: list[str],
+              settings: DemoSettings, seed: int, progress: bool | None, echo: Callable[[str], None]) -> list[Path]:
+    from taskvec.eval import evaluate, get_scorer
+
+    scorer = get_scorer("profanity")
+    runs = []
+    for name, model_dir in models.items():
+        summary = evaluate(model_dir, folder / name, ppl_texts=ppl_texts, prompts=prompts,
+                           scorer=scorer, samples=settings.samples, max_new_tokens=settings.max_new_tokens,
+                           seed=seed, max_length=settings.ppl_window, stride=settings.ppl_window // 2,
+                           progress=progress)
+        echo(f"      {name}: perplexity {summary['perplexity']:.3f}, "
+             f"mean toxicity {summary['metrics']['mean_toxicity']:.3f}")
+        runs.append(folder / name)
+    return runs
+
+
+def _write_json(path: Path, content: dict) -> None:
+    staging = path.with_name(f".{path.name}.tmp")
+    staging.write_text(json.dumps(content, indent=2) + "\n", encoding="utf-8")
+    staging.replace(path)
