@@ -136,6 +136,7 @@ def load_causal_lm(model_dir: str | Path):
     # the result is saved back in the checkpoint's dtype so that `taskvec merge` can pair them.
     saved_dtype = config.dtype if isinstance(config.dtype, torch.dtype) else torch.float32
     model = AutoModelForCausalLM.from_pretrained(model_dir, config=config, dtype=torch.float32)
+    model.loss_type = "ForCausalLM"  # what transformers falls back to anyway, minus its warning
     return tokenizer, model, saved_dtype
 
 
