@@ -18,12 +18,16 @@ def combine_reference(
     dtype: torch.dtype | None = None,
     acc: torch.Tensor | None = None,
     out: torch.Tensor | None = None,
+    scratch: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Return ``base_coef * base + sum_coef * sum(finetuned)`` in ``dtype`` (default: base's).
 
     The sum and the linear form are computed in float32 whatever the storage dtype. ``acc``
-    (float32, base's numel) and ``out`` are optional workspaces for callers that reuse buffers.
+    (float32, base's numel) and ``out`` are optional workspaces for callers that reuse buffers;
+    so is ``scratch`` (like ``acc``), into which 16-bit inputs are widened before they are added:
+    several times faster on CPU than torch's mixed-dtype in-place add.
     """
+    out_dtype = base.dtype if dtype is None else dtype
     tensors = iter(finetuned)
     first = next(tensors, None)
     if first is None:
@@ -32,12 +36,20 @@ def combine_reference(
         acc = first.to(torch.float32, copy=True)
     else:
         acc = acc.view(base.shape).copy_(first)
+
+    def widened(tensor: torch.Tensor) -> torch.Tensor:
+        nonlocal scratch
+        if tensor.dtype == acc.dtype:
+            return tensor
+        if scratch is None:
+            scratch = torch.empty_like(acc)
+        return scratch.view(tensor.shape).copy_(tensor)
+
     for tensor in tensors:
-        acc.add_(tensor)
-    acc.mul_(sum_coef).add_(base, alpha=base_coef)
-    dtype = base.dtype if dtype is None else dtype
+        acc.add_(widened(tensor))
+    acc.mul_(sum_coef).add_(widened(base), alpha=base_coef)
     if out is None:
-        return acc.to(dtype)
+        return acc.to(out_dtype)
     out = out.view(base.shape)
     out.copy_(acc)
     return out

@@ -16,8 +16,10 @@ from __future__ import annotations
 
 import json
 import os
+import queue
 import shutil
 import tempfile
+import threading
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Iterator, Sequence
@@ -146,6 +148,11 @@ class MergePlan:
         return len(self.inputs)
 
     @property
+    def buffer_bytes(self) -> int:
+        """The size of a buffer that holds any job's input or output chunk."""
+        return max((max(job.nbytes_in, job.nbytes_out) for job in self.jobs), default=0)
+
+    @property
     def bytes_read(self) -> int:
         return sum(j.nbytes_in * (self.n_inputs if j.kind == "combine" else 1) for j in self.jobs)
 
@@ -254,12 +261,55 @@ class JobWriter:
             position += nbytes
 
 
+class Prefetcher:
+    """Reads chunks in merge order on a background thread, into a small pool of buffers.
+
+    os.preadv releases the GIL, so the next chunk is read while the current one is added.
+    `take()` hands out the next filled buffer; `give_back()` returns it to the pool.
+    """
+
+    def __init__(self, reader: JobReader, reads: list[tuple[Job, int]], nbytes: int, buffers: int = 4) -> None:
+        self._free: queue.SimpleQueue = queue.SimpleQueue()
+        self._ready: queue.SimpleQueue = queue.SimpleQueue()
+        for _ in range(buffers):
+            self._free.put(torch.empty(nbytes, dtype=torch.uint8))
+        self._stopped = False
+        self._thread = threading.Thread(target=self._read_all, args=(reader, reads),
+                                        name="taskvec-read", daemon=True)
+        self._thread.start()
+
+    def _read_all(self, reader: JobReader, reads: list[tuple[Job, int]]) -> None:
+        try:
+            for job, index in reads:
+                buffer = self._free.get()
+                if self._stopped:
+                    return
+                reader.read_job(job, index, buffer)
+                self._ready.put(buffer)
+        except BaseException as err:  # handed to the consumer, which raises it
+            self._ready.put(err)
+
+    def take(self) -> torch.Tensor:
+        item = self._ready.get()
+        if isinstance(item, BaseException):
+            raise item
+        return item
+
+    def give_back(self, buffer: torch.Tensor) -> None:
+        self._free.put(buffer)
+
+    def close(self) -> None:
+        self._stopped = True
+        self._free.put(None)  # wakes the reader if it waits for a buffer
+        self._thread.join()
+
+
 class _Slot:
     """Output-side buffers of one job in flight: reused once its write has finished."""
 
-    def __init__(self, chunk_elems: int) -> None:
+    def __init__(self, chunk_elems: int, nbytes: int) -> None:
         self.chunk_elems = chunk_elems
-        self.out_raw = torch.empty(chunk_elems * 8, dtype=torch.uint8)
+        self.out_raw = torch.empty(nbytes, dtype=torch.uint8)
         self.accumulators: dict[torch.dtype, torch.Tensor] = {}
         self.pending: Future | None = None
 
@@ -275,46 +325,55 @@ class _Slot:
 
 
 class CpuExecutor:
-    """Runs jobs with the torch path: one fine-tune chunk in memory at a time, so RAM is flat in N.
+    """Runs jobs with the torch path: one fine-tune chunk added at a time, so RAM is flat in N.
 
-    Results are written by a background thread (double-buffered) while the next job is read
-    and computed: os.pwrite and torch both release the GIL.
+    Three things overlap (os.preadv, torch and os.pwrite all release the GIL): a reader thread
+    fills the next chunks, the main thread adds, and a writer thread writes the previous result.
     """
 
     def run(self, plan: MergePlan, reader: JobReader, writer: JobWriter, progress) -> None:
-        base_raw = torch.empty(plan.chunk_elems * 8, dtype=torch.uint8)
-        ft_raw = torch.empty(plan.chunk_elems * 8, dtype=torch.uint8)
-        slots = [_Slot(plan.chunk_elems), _Slot(plan.chunk_elems)]
+        reads = [(job, index) for job in plan.jobs
+                 for index in range(plan.n_inputs if job.kind == "combine" else 1)]
+        chunks = Prefetcher(reader, reads, plan.buffer_bytes)
+        scratch = torch.empty(plan.chunk_elems, dtype=torch.float32)
+        slots = [_Slot(plan.chunk_elems, plan.buffer_bytes), _Slot(plan.chunk_elems, plan.buffer_bytes)]
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="taskvec-write") as pool:
             try:
                 for number, job in enumerate(plan.jobs):
                     slot = slots[number % 2]
                     slot.wait()
-                    result = self._compute(plan, job, reader, base_raw, ft_raw, slot)
+                    result = self._compute(plan, job, chunks, slot, scratch)
                     slot.pending = pool.submit(writer.write_job, job, result)
                     progress.update(job.nbytes_in * (plan.n_inputs if job.kind == "combine" else 1))
             finally:
+                chunks.close()
                 for slot in slots:
                     slot.wait()
 
     @staticmethod
-    def _compute(plan, job, reader, base_raw, ft_raw, slot) -> torch.Tensor:
+    def _compute(plan, job, chunks: Prefetcher, slot: _Slot, scratch: torch.Tensor) -> torch.Tensor:
         """The job's output bytes, in a buffer of `slot`."""
+        base_raw = chunks.take()
         if job.kind == "copy":
-            reader.read_job(job, 0, slot.out_raw)
-            return slot.out_raw[:job.nbytes_in]
-        reader.read_job(job, 0, base_raw)
+            result = slot.out_raw[:job.nbytes_in].copy_(base_raw[:job.nbytes_in])
+            chunks.give_back(base_raw)
+            return result
         base = base_raw[:job.nbytes_in].view(job.in_dtype)
 
         def finetuned() -> Iterator[torch.Tensor]:
-            for index in range(1, plan.n_inputs):
-                reader.read_job(job, index, ft_raw)
-                yield ft_raw[:job.nbytes_in].view(job.in_dtype)
+            for _ in range(1, plan.n_inputs):
+                raw = chunks.take()
+                yield raw[:job.nbytes_in].view(job.in_dtype)
+                chunks.give_back(raw)  # the consumer has added it when it asks for the next
 
         acc_dtype = torch.float64 if job.in_dtype == torch.float64 else torch.float32
         out = None if job.out_dtype == acc_dtype else slot.out_raw[:job.nbytes_out].view(job.out_dtype)
-        result = combine_reference(base, finetuned(), plan.base_coef, plan.sum_coef,
-                                   dtype=job.out_dtype, acc=slot.accumulator(acc_dtype, job.numel), out=out)
+        result = combine_reference(
+            base, finetuned(), plan.base_coef, plan.sum_coef, dtype=job.out_dtype,
+            acc=slot.accumulator(acc_dtype, job.numel), out=out,
+            scratch=scratch[:job.numel] if acc_dtype == torch.float32 else None,
+        )
+        chunks.give_back(base_raw)
         return result.view(torch.uint8)
 
 
