@@ -32,7 +32,7 @@ import torch
 
 from taskvec import __version__
 from taskvec.errors import TaskvecError
-from taskvec.io.checkpoint import TIED_OUTPUT, Checkpoint, copy_side_files, open_checkpoint
+from taskvec.io.checkpoint import TIED_OUTPUT, Checkpoint, copy_side_files, open_checkpoint, resolve_model_path
 from taskvec.io.safetensors_file import CODES, DTYPES, FileReader, OutputSpec, TensorEntry
 from taskvec.io.shards import ShardWriter, parse_size
 from taskvec.kernels.reference import combine_reference
@@ -57,7 +57,7 @@ class Method(ABC):
         if n < 1:
             raise TaskvecError("at least one fine-tuned checkpoint is needed")
 
-    def inputs(self, base: Path | None, finetuned: Sequence[Path]) -> list[Path]:
+    def inputs(self, base: str | Path | None, finetuned: Sequence[str | Path]) -> list[str | Path]:
         if base is None:
             raise TaskvecError(f"{self.name} needs a base checkpoint (--base)")
         return [base, *finetuned]
@@ -488,9 +488,9 @@ def merge_checkpoints(
     if method not in METHODS:
         raise TaskvecError(f"unknown method {method!r}: choose from {', '.join(METHODS)}")
     chosen = METHODS[method]
-    finetuned = [Path(p) for p in finetuned]
+    finetuned = list(finetuned)
     chosen.check_count(len(finetuned))
-    paths = chosen.inputs(Path(base) if base is not None else None, finetuned)
+    paths = [resolve_model_path(p) for p in chosen.inputs(base, finetuned)]
     _check_distinct(paths)
     output = Path(output)
     check_output(output, paths, overwrite)

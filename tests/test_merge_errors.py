@@ -187,3 +187,26 @@ def test_untied_lm_head_in_base_reads_the_tied_embedding_of_finetunes(workdir, t
     reference = negated_mean_f64(head, embeddings, 1.0)
     assert_close_to_reference(merged["lm_head.weight"], reference,
                               error_bound(head, embeddings, 2.0, 0.5, reference, torch.float32))
+
+
+def test_unreachable_hub_id_is_a_clear_error(workdir, tmp_path):
+    base, fts = workdir
+    message = expect_error("taskvec-tests/no-such-model", fts, tmp_path / "out", "Hugging Face hub")
+    assert message.startswith("taskvec-tests/no-such-model: no such directory")
+
+
+def test_hub_ids_resolve_to_their_snapshot(workdir, tmp_path, monkeypatch):
+    """A name that is no local path is fetched as from_pretrained would (here: a stand-in)."""
+    import huggingface_hub
+
+    base, fts = workdir
+    fetched = []
+
+    def snapshot_download(repo_id, allow_patterns):
+        fetched.append((repo_id, allow_patterns))
+        return str(base)
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
+    merge_checkpoints(fts, tmp_path / "out", base="openai-community/gpt2", progress=False)
+    assert fetched[0][0] == "openai-community/gpt2" and "*.safetensors" in fetched[0][1]
+    assert (tmp_path / "out" / "model.safetensors").is_file()

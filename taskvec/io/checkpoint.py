@@ -6,6 +6,7 @@ Opening a checkpoint reads headers only; tensor bytes are read later, chunk by c
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from dataclasses import dataclass, field
 from fnmatch import fnmatch
@@ -69,6 +70,28 @@ class Checkpoint:
             p for p in self.path.iterdir()
             if p.is_file() and any(fnmatch(p.name, pattern) for pattern in SIDE_FILE_PATTERNS)
         )
+
+
+HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[\w.-]+)?")
+
+
+def resolve_model_path(name: str | Path) -> Path:
+    """A local path as it is; otherwise a Hugging Face hub id (`gpt2`, `org/model`), whose
+    safetensors weights, config and tokenizer are fetched into the hub cache, as from_pretrained would."""
+    path = Path(name)
+    if path.exists() or not HUB_ID.fullmatch(str(name)):
+        return path
+    from huggingface_hub import snapshot_download
+
+    patterns = ["*.safetensors", INDEX_FILE, *SIDE_FILE_PATTERNS]
+    try:
+        return Path(snapshot_download(str(name), allow_patterns=patterns))
+    except Exception as err:  # the hub client raises many types; each means "not fetched"
+        reason = (str(err).strip().splitlines() or [type(err).__name__])[-1]
+        raise TaskvecError(
+            f"{name}: no such directory, and it could not be fetched from the Hugging Face hub "
+            f"({reason}); pass a local model directory"
+        ) from None
 
 
 def open_checkpoint(path: str | Path) -> Checkpoint:
