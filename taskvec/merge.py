@@ -337,6 +337,8 @@ class CpuExecutor:
         chunks = Prefetcher(reader, reads, plan.buffer_bytes)
         scratch = torch.empty(plan.chunk_elems, dtype=torch.float32)
         slots = [_Slot(plan.chunk_elems, plan.buffer_bytes), _Slot(plan.chunk_elems, plan.buffer_bytes)]
+        threads = torch.get_num_threads()
+        torch.set_num_threads(max(1, threads - 1))  # a core for the reader and writer threads
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="taskvec-write") as pool:
             try:
                 for number, job in enumerate(plan.jobs):
@@ -349,6 +351,7 @@ class CpuExecutor:
                 chunks.close()
                 for slot in slots:
                     slot.wait()
+                torch.set_num_threads(threads)
 
     @staticmethod
     def _compute(plan, job, chunks: Prefetcher, slot: _Slot, scratch: torch.Tensor) -> torch.Tensor:
