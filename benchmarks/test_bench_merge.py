@@ -16,7 +16,12 @@ import statistics
 import pytest
 
 from benchmarks.baselines import (
-    IMPORT_STATEMENTS, import_command, physical_memory, read_once, weights_bytes, write_once,
+    IMPORT_STATEMENTS,
+    import_command,
+    physical_memory,
+    read_once,
+    weights_bytes,
+    write_once,
 )
 from benchmarks.book import Row
 from benchmarks.check import check_negated_mean

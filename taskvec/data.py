@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from taskvec.errors import TaskvecError
+from taskvec.outputs import check_output, staged_directory
 
 DEFAULT_THRESHOLD = 0.8
 FILE_SUFFIXES = (".jsonl", ".csv", ".parquet", ".txt")
@@ -73,7 +74,8 @@ def load_texts(source: str, *, text_column: str | None = None, score_column: str
                             [text_column] + ([score_column] if score_column else []))
     texts = columns[text_column]
     if score_column is not None:
-        texts = [t for t, s in zip(texts, columns[score_column]) if _score(s, source, score_column) > threshold]
+        scores = columns[score_column]
+        texts = [t for t, s in zip(texts, scores, strict=True) if _score(s, source, score_column) > threshold]
     kept = [t for t in texts if isinstance(t, str) and t.strip()]
     if not kept:
         rule = f" with {score_column} > {threshold}" if score_column else ""
@@ -242,13 +244,7 @@ def save_splits(texts: list[str], n_splits: int, output_dir: str | Path, seed: i
     Everything is written into a temporary directory beside `output_dir` and renamed into place
     last, so a split directory either is complete or does not exist.
     """
-    from taskvec.merge import staged_directory
-
-    output_dir = Path(output_dir)
-    if output_dir.exists() and not overwrite:
-        raise TaskvecError(f"output {output_dir} already exists; pass --overwrite to replace it")
-    if source and output_dir.resolve() in Path(source).resolve().parents:
-        raise TaskvecError(f"input {source} is inside output {output_dir}; choose another directory")
+    output_dir = check_output(output_dir, [source] if source else [], overwrite)
     splits = split_texts(texts, n_splits, seed)
     with staged_directory(output_dir, overwrite) as staging:
         for k, split in enumerate(splits):
@@ -290,5 +286,6 @@ def read_split(splits_dir: str | Path, k: int) -> list[str]:
     entry = manifest["splits"][k]
     texts = read_jsonl(Path(splits_dir) / entry["file"])
     if texts_hash(texts) != entry["sha256"]:
-        raise TaskvecError(f"{Path(splits_dir) / entry['file']}: contents differ from {MANIFEST} (file changed after splitting)")
+        raise TaskvecError(f"{Path(splits_dir) / entry['file']}: contents differ from {MANIFEST} "
+                           "(file changed after splitting)")
     return texts

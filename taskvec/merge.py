@@ -15,16 +15,12 @@ the target and renamed into place only when complete.
 from __future__ import annotations
 
 import json
-import os
 import queue
-import shutil
-import tempfile
 import threading
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -36,6 +32,7 @@ from taskvec.io.checkpoint import TIED_OUTPUT, Checkpoint, copy_side_files, open
 from taskvec.io.safetensors_file import CODES, DTYPES, FileReader, OutputSpec, TensorEntry
 from taskvec.io.shards import ShardWriter, parse_size
 from taskvec.kernels.reference import combine_reference
+from taskvec.outputs import check_output, staged_directory
 
 DEFAULT_CHUNK_BYTES = 16 * 2**20
 DEFAULT_MAX_SHARD_SIZE = "50GB"  # transformers' save_pretrained default
@@ -404,55 +401,6 @@ def _cuda_executor():
     return CudaExecutor()
 
 
-# --- output directory --------------------------------------------------------------------------
-
-
-def check_output(output: Path, inputs: Sequence[Path], overwrite: bool) -> None:
-    """Refuse outputs that would clobber an input or an existing directory."""
-    target = output.resolve()
-    for path in inputs:
-        source = path.resolve()
-        if source.is_file():
-            source = source.parent
-        if target == source or source in target.parents:
-            raise TaskvecError(f"output {output} is inside input {path}; choose another directory")
-        if target in source.parents:
-            raise TaskvecError(f"input {path} is inside output {output}; choose another directory")
-    if output.exists():
-        if not output.is_dir():
-            raise TaskvecError(f"output {output} exists and is not a directory")
-        if not overwrite:
-            raise TaskvecError(f"output {output} already exists; pass --overwrite to replace it")
-
-
-@contextmanager
-def staged_directory(output: Path, overwrite: bool) -> Iterator[Path]:
-    """Yield a temporary directory beside `output`; move it into place only on success."""
-    output.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{output.name}.partial-", dir=output.parent))
-    try:
-        yield staging
-        staging.chmod(0o777 & ~_umask())  # mkdtemp makes it private; the result should not be
-        if output.exists():
-            if not overwrite:
-                raise TaskvecError(f"output {output} already exists; pass --overwrite to replace it")
-            retired = Path(tempfile.mkdtemp(prefix=f".{output.name}.old-", dir=output.parent))
-            output.rename(retired / output.name)
-            staging.rename(output)
-            shutil.rmtree(retired, ignore_errors=True)
-        else:
-            staging.rename(output)
-    finally:
-        if staging.exists():
-            shutil.rmtree(staging, ignore_errors=True)
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
 # --- public entry point --------------------------------------------------------------------------
 
 
@@ -495,8 +443,7 @@ def merge_checkpoints(
     chosen.check_count(len(finetuned))
     paths = [resolve_model_path(p) for p in chosen.inputs(base, finetuned)]
     _check_distinct(paths)
-    output = Path(output)
-    check_output(output, paths, overwrite)
+    output = check_output(output, paths, overwrite)
     out_dtype = _parse_dtype(dtype)
     checkpoints = [open_checkpoint(p) for p in paths]
     base_coef, sum_coef = chosen.coefficients(len(finetuned), scale)

@@ -29,7 +29,7 @@ from transformers.trainer_utils import get_last_checkpoint
 from taskvec import __version__
 from taskvec.data import read_jsonl, read_manifest, read_split, texts_hash
 from taskvec.errors import TaskvecError
-from taskvec.merge import check_output, staged_directory
+from taskvec.outputs import check_output, staged_directory
 
 MARKER = "taskvec-train.json"
 RUN_FILE = "taskvec-run.json"

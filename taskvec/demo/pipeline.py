@@ -134,13 +134,13 @@ def _run(output: Path, splits: int, scale: float, settings: DemoSettings, seed: 
     merge_checkpoints(finetuned[:1], single, base=base, method="negate", scale=scale, progress=progress)
 
     stage("Evaluating perplexity on held-out clean text and toxicity of generations")
-    runs = _evaluate(dict(zip(RUNS, (base, finetuned[0], single, merged))), output / "eval", [heldout],
+    runs = _evaluate(dict(zip(RUNS, (base, finetuned[0], single, merged), strict=True)), output / "eval", [heldout],
                      corpus.prompts, settings, seed, progress, echo)
 
     stage("Comparing")
     plot = output / "comparison.png"
     rows = compare_runs(runs, plot, labels=list(RUNS))
-    checks = judge(dict(zip(RUNS, rows)))
+    checks = judge(dict(zip(RUNS, rows, strict=True)))
     table = format_table(rows)
     report = "\n".join([table, "", LEGEND, "", summarize(checks)])
     (output / "report.txt").write_text(report + "\n", encoding="utf-8")

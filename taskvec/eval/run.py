@@ -18,6 +18,7 @@ from taskvec.errors import TaskvecError
 from taskvec.eval.metrics import check_threshold, toxicity_metrics
 from taskvec.eval.records import GENERATIONS, SUMMARY, generations_path, read_generations, write_json, write_jsonl
 from taskvec.eval.scorers import Scorer, get_scorer, score_texts
+from taskvec.outputs import check_output, staged_directory
 
 
 def evaluate(model_dir: str | Path, output_dir: str | Path, *, ppl_texts: Sequence[str] | None,
@@ -39,7 +40,7 @@ def evaluate(model_dir: str | Path, output_dir: str | Path, *, ppl_texts: Sequen
 
     if ppl_texts is None and prompts is None:
         raise TaskvecError("nothing to evaluate: give perplexity texts, prompts, or both")
-    output = _check_output(output_dir, model_dir, overwrite)
+    output = check_output(output_dir, [model_dir], overwrite)
     if prompts is not None:
         check_threshold(threshold)
         scorer = get_scorer(scorer) if isinstance(scorer, str) else scorer
@@ -75,7 +76,7 @@ def rescore(generations: str | Path, output_dir: str | Path, *, scorer: Scorer |
     """Score saved generations again into `output_dir`; the perplexity and settings of the run
     they came from (a summary.json beside them) are carried over."""
     source = generations_path(generations)
-    output = _check_output(output_dir, source, overwrite)
+    output = check_output(output_dir, [source], overwrite)
     check_threshold(threshold)
     records = read_generations(source)
     scorer = get_scorer(scorer) if isinstance(scorer, str) else scorer
@@ -108,22 +109,7 @@ def _timed(seconds: dict, key: str):
     seconds[key] = round(time.perf_counter() - started, 3)
 
 
-def _check_output(output_dir, source, overwrite: bool) -> Path:
-    """Refuse an output that exists (unless overwriting) or whose replacement would delete `source`."""
-    output = Path(output_dir)
-    target = output.resolve()
-    if target == Path(source).resolve() or target in Path(source).resolve().parents:
-        raise TaskvecError(f"output {output} contains the input {source}; choose another directory")
-    if output.exists() and not output.is_dir():
-        raise TaskvecError(f"output {output} exists and is not a directory")
-    if output.exists() and not overwrite:
-        raise TaskvecError(f"output {output} already exists; pass --overwrite to replace it")
-    return output
-
-
 def _write_run(output: Path, summary: dict, records: list[dict], overwrite: bool) -> None:
-    from taskvec.merge import staged_directory
-
     with staged_directory(output, overwrite) as staging:
         if records:
             write_jsonl(staging / GENERATIONS, records)
