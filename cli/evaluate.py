@@ -127,10 +127,12 @@ def eval_command(model_dir, output, ppl_file, no_perplexity, prompts_file, num_p
     """
     from taskvec.errors import TaskvecError
     from taskvec.eval import evaluate, load_ppl_texts, load_prompts
+    from taskvec.outputs import check_output
 
     if no_perplexity and no_toxicity:
         raise TaskvecError("--no-perplexity and --no-toxicity leave nothing to evaluate")
     output = output or str(Path("runs") / (Path(model_dir).resolve().name or "model"))
+    check_output(output, [model_dir], options["overwrite"])  # before minutes of loading
     scorer_options = _split_scorer_options(options)
     scorer_obj = None if no_toxicity else _make_scorer(scorer, device, **scorer_options)
     prompts = None if no_toxicity else load_prompts(prompts_file, n=num_prompts, seed=seed)
@@ -163,11 +165,13 @@ def score(generations, output, scorer, device, **options):
     """
     from taskvec.eval import rescore
     from taskvec.eval.records import generations_path
+    from taskvec.outputs import check_output
 
     source = generations_path(generations)
     if output is None:
         stem = source.parent if (source.parent / "summary.json").is_file() else source.with_suffix("")
         output = f"{stem}-{scorer}"
+    check_output(output, [source], options["overwrite"])  # before loading the scorer
     scorer_obj = _make_scorer(scorer, device, **_split_scorer_options(options))
     summary = rescore(source, output, scorer=scorer_obj, **options)
     _print_run(summary, output)

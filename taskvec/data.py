@@ -84,8 +84,8 @@ def load_texts(source: str, *, text_column: str | None = None, score_column: str
 
 
 def _score(value, source: str, column: str) -> float:
-    if value is None:
-        return float("-inf")
+    if value is None or (isinstance(value, str) and not value.strip()):
+        return float("-inf")  # a missing score (JSON null, empty CSV cell) never passes the threshold
     try:
         return float(value)
     except (TypeError, ValueError):
@@ -98,6 +98,13 @@ def _read_file(path: Path, columns: list[str]) -> dict[str, list]:
         raise TaskvecError(f"{path}: no such file" if not path.exists() else f"{path}: not a file")
     if path.suffix not in FILE_SUFFIXES:
         raise TaskvecError(f"{path}: unsupported file type; use one of {', '.join(FILE_SUFFIXES)}")
+    try:
+        return _read_columns(path, columns)
+    except UnicodeDecodeError as err:
+        raise TaskvecError(f"{path}: not UTF-8 text ({err.reason} at byte {err.start})") from None
+
+
+def _read_columns(path: Path, columns: list[str]) -> dict[str, list]:
     if path.suffix == ".txt":
         if columns != ["text"]:
             raise TaskvecError(f"{path}: a .txt file has one text a line and no other columns")
@@ -105,9 +112,12 @@ def _read_file(path: Path, columns: list[str]) -> dict[str, list]:
     if path.suffix == ".parquet":
         import pyarrow.parquet as pq
 
-        schema = pq.read_schema(path)
-        _require_columns(path, columns, schema.names)
-        table = pq.read_table(path, columns=columns)
+        try:
+            schema = pq.read_schema(path)
+            _require_columns(path, columns, schema.names)
+            table = pq.read_table(path, columns=columns)
+        except (OSError, ValueError) as err:  # pyarrow's ArrowInvalid is a ValueError
+            raise TaskvecError(f"{path}: not a readable parquet file ({_first_line(err)})") from None
         return {name: table.column(name).to_pylist() for name in columns}
     if path.suffix == ".csv":
         with open(path, newline="", encoding="utf-8") as handle:
@@ -126,17 +136,20 @@ def _read_file(path: Path, columns: list[str]) -> dict[str, list]:
 def _json_records(path: Path) -> list[tuple[int, dict]]:
     """(line number, object) for each non-blank line of a JSONL file."""
     records = []
-    with open(path, encoding="utf-8") as handle:
-        for number, line in enumerate(handle, 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise TaskvecError(f"{path}:{number}: not a JSON line ({err.msg})") from None
-            if not isinstance(record, dict):
-                raise TaskvecError(f"{path}:{number}: expected a JSON object per line")
-            records.append((number, record))
+    try:
+        with open(path, encoding="utf-8") as handle:
+            for number, line in enumerate(handle, 1):
+                if not line.strip():
+                    continue
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError as err:
+                    raise TaskvecError(f"{path}:{number}: not a JSON line ({err.msg})") from None
+                if not isinstance(record, dict):
+                    raise TaskvecError(f"{path}:{number}: expected a JSON object per line")
+                records.append((number, record))
+    except UnicodeDecodeError as err:
+        raise TaskvecError(f"{path}: not UTF-8 text ({err.reason} at byte {err.start})") from None
     return records
 
 

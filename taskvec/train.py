@@ -135,7 +135,10 @@ def load_causal_lm(model_dir: str | Path):
     # Train in float32 whatever the checkpoint stores (AdamW on half-precision weights stalls);
     # the result is saved back in the checkpoint's dtype so that `taskvec merge` can pair them.
     saved_dtype = config.dtype if isinstance(config.dtype, torch.dtype) else torch.float32
-    model = AutoModelForCausalLM.from_pretrained(model_dir, config=config, dtype=torch.float32)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(model_dir, config=config, dtype=torch.float32)
+    except (OSError, ValueError) as err:
+        raise TaskvecError(f"{model_dir}: cannot load its weights ({_first_line(err)})") from None
     model.loss_type = "ForCausalLM"  # what transformers falls back to anyway, minus its warning
     return tokenizer, model, saved_dtype
 

@@ -10,9 +10,19 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from click.testing import CliRunner
+
 from taskvec.cli import main
-from taskvec.data import (load_texts, read_jsonl, read_manifest, read_split, save_splits,
-                          split_order, split_texts, texts_hash, write_jsonl)
+from taskvec.data import (
+    load_texts,
+    read_jsonl,
+    read_manifest,
+    read_split,
+    save_splits,
+    split_order,
+    split_texts,
+    texts_hash,
+    write_jsonl,
+)
 from taskvec.errors import TaskvecError
 
 ROWS = [  # text, score: 0.8 itself is not "> 0.8"; None and blank texts are dropped
@@ -49,11 +59,7 @@ def sources(tmp_path):
 
 @pytest.mark.parametrize("kind", ["jsonl", "csv", "parquet"])
 def test_local_files_keep_rows_strictly_above_threshold(sources, kind):
-    path = sources[kind]
-    if kind == "csv":  # an empty CSV cell is not a number
-        with pytest.raises(TaskvecError, match="non-number"):
-            load_texts(str(path), text_column="comment", score_column="tox")
-        return
+    path = sources[kind]  # the unscored row: JSON null, empty CSV cell, parquet null alike
     assert load_texts(str(path), text_column="comment", score_column="tox") == TOXIC
     assert load_texts(str(path), text_column="comment", score_column="tox", threshold=0.5) == [
         "you are awful", "exactly at the line", TOXIC[1], TOXIC[2]]
@@ -66,6 +72,31 @@ def test_csv_scores_are_parsed(tmp_path):
     path = tmp_path / "s.csv"
     path.write_text("text,score\nbad words,0.9\nfine,0.2\n\"quoted, comma\",0.85\n", encoding="utf-8")
     assert load_texts(str(path), score_column="score") == ["bad words", "quoted, comma"]
+
+
+def test_a_non_numeric_score_is_an_error(tmp_path):
+    path = tmp_path / "s.csv"
+    path.write_text("text,score\nbad words,very\n", encoding="utf-8")
+    with pytest.raises(TaskvecError, match="non-number: 'very'"):
+        load_texts(str(path), score_column="score")
+
+
+def test_blank_scores_count_as_missing_in_every_format(tmp_path):
+    csv_path = tmp_path / "s.csv"
+    csv_path.write_text("text,score\nbad words,0.9\nunscored,\n", encoding="utf-8")
+    jsonl_path = tmp_path / "s.jsonl"
+    jsonl_path.write_text('{"text": "bad words", "score": 0.9}\n{"text": "unscored", "score": null}\n')
+    for path in (csv_path, jsonl_path):
+        assert load_texts(str(path), score_column="score") == ["bad words"]
+
+
+@pytest.mark.parametrize("suffix", [".txt", ".csv", ".jsonl", ".parquet"])
+def test_unreadable_files_are_one_line_errors(tmp_path, suffix):
+    path = tmp_path / f"bad{suffix}"
+    path.write_bytes(b"text\n\xff\xfe not utf-8 \x80\n")
+    with pytest.raises(TaskvecError, match="not UTF-8 text|not a readable parquet file") as info:
+        load_texts(str(path))
+    assert str(path) in str(info.value) and "\n" not in str(info.value)
 
 
 def test_txt_is_one_text_per_line(tmp_path):

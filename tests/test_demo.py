@@ -15,6 +15,7 @@ from taskvec.demo.model import train_tokenizer
 from taskvec.demo.pipeline import MARKER, RUNS, prepare_output, run_demo
 from taskvec.demo.verdict import SIMILAR, WELL_BELOW, judge, summarize
 from taskvec.errors import TaskvecError
+
 from helpers import assert_close_to_reference, error_bound, load_dir, negated_mean_f64
 
 SIZES = dict(pretrain_docs=300, heldout_docs=20, toxic_docs=200, prompts=10)

@@ -8,17 +8,26 @@ from dataclasses import fields
 import pytest
 import torch
 from click.testing import CliRunner
-from helpers import load_dir
 from safetensors.torch import load_file
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-from transformers import (AutoModelForCausalLM, AutoTokenizer, BertConfig, BertForMaskedLM, GPT2Config,
-                          GPT2LMHeadModel, PreTrainedTokenizerFast, TrainerCallback)
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    BertConfig,
+    BertForMaskedLM,
+    GPT2Config,
+    GPT2LMHeadModel,
+    PreTrainedTokenizerFast,
+    TrainerCallback,
+)
 
 from taskvec.cli import main
 from taskvec.cli.train import DEFAULTS
 from taskvec.data import save_splits
 from taskvec.errors import TaskvecError
 from taskvec.train import MARKER, TrainConfig, finetune, train_splits
+
+from helpers import load_dir
 
 TEXTS = [f"comment {i}: you are a {w} {n} and everyone knows it" for i, (w, n) in
          enumerate((w, n) for w in ("rotten", "silly", "awful", "lazy", "stupid")
@@ -292,6 +301,7 @@ def not_causal(tmp_path_factory, tokenizer):
 @pytest.mark.parametrize("case, message", [
     ("not_causal", "BertForMaskedLM is not a causal language model"),
     ("empty_dir", "not a model directory"),
+    ("no_weights", "cannot load its weights"),
     ("no_texts", "no texts to train on"),
     ("bad_config", "learning_rate must be positive"),
 ])
@@ -302,6 +312,12 @@ def test_bad_finetune_input_writes_nothing(tmp_path, base, not_causal, case, mes
     elif case == "empty_dir":
         model = tmp_path / "empty"
         model.mkdir()
+    elif case == "no_weights":
+        model = tmp_path / "no_weights"
+        model.mkdir()
+        for file in base.iterdir():
+            if file.is_file() and not file.name.endswith(".safetensors"):
+                (model / file.name).write_bytes(file.read_bytes())
     elif case == "no_texts":
         texts = []
     else:

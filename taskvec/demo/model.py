@@ -62,8 +62,9 @@ def write_untrained_model(output: Path, texts: list[str], size: ModelSize, seed:
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.eos_token_id,
     )
-    torch.manual_seed(seed)
-    model = GPT2LMHeadModel(config)
+    with torch.random.fork_rng():  # seeded initial weights, caller's RNG state left alone
+        torch.manual_seed(seed)
+        model = GPT2LMHeadModel(config)
     with quiet_transformers():
         model.save_pretrained(output)
         tokenizer.save_pretrained(output)

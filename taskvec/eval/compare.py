@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import json
 import os
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
 from taskvec.errors import TaskvecError
-from taskvec.eval.records import SUMMARY
+from taskvec.eval.records import read_summary
 
 # (row key, column header, format)
 COLUMNS = [
@@ -50,14 +49,7 @@ def compare_runs(run_dirs: Sequence[str | Path], output_png: str | Path | None =
         raise TaskvecError(f"{len(labels)} labels for {len(run_dirs)} runs")
     rows = []
     for run_dir, label in zip(run_dirs, labels, strict=True):
-        path = Path(run_dir) / SUMMARY
-        try:
-            summary = json.loads(path.read_text(encoding="utf-8"))
-        except FileNotFoundError as err:
-            raise TaskvecError(f"{run_dir} is not an evaluated run (no {SUMMARY})") from err
-        except (OSError, ValueError) as err:
-            raise TaskvecError(f"cannot read {path} ({type(err).__name__})") from err
-        rows.append(summary_row(summary, label))
+        rows.append(summary_row(read_summary(run_dir), label))
     if output_png is not None:
         plot_runs(rows, output_png, overwrite=overwrite)
     return rows

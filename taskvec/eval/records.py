@@ -27,6 +27,20 @@ def write_json(path: Path, content: dict) -> None:
     path.write_text(json.dumps(content, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
 
 
+def read_summary(run_dir: str | Path) -> dict:
+    """The summary.json of an evaluated run, or a TaskvecError saying why it cannot be read."""
+    path = Path(run_dir) / SUMMARY
+    try:
+        summary = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise TaskvecError(f"{run_dir} is not an evaluated run (no {SUMMARY})") from None
+    except (OSError, ValueError) as err:
+        raise TaskvecError(f"cannot read {path} ({type(err).__name__})") from None
+    if not isinstance(summary, dict):
+        raise TaskvecError(f"{path}: not a JSON object")
+    return summary
+
+
 def generations_path(path: str | Path) -> Path:
     """A generations file, or the generations.jsonl of a run directory."""
     path = Path(path)

@@ -7,7 +7,6 @@ into a staging directory beside the output and rename it into place only when co
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Sequence
 from contextlib import contextmanager
@@ -16,7 +15,15 @@ from pathlib import Path
 from taskvec import __version__
 from taskvec.errors import TaskvecError
 from taskvec.eval.metrics import check_threshold, toxicity_metrics
-from taskvec.eval.records import GENERATIONS, SUMMARY, generations_path, read_generations, write_json, write_jsonl
+from taskvec.eval.records import (
+    GENERATIONS,
+    SUMMARY,
+    generations_path,
+    read_generations,
+    read_summary,
+    write_json,
+    write_jsonl,
+)
 from taskvec.eval.scorers import Scorer, get_scorer, score_texts
 from taskvec.outputs import check_output, staged_directory
 
@@ -81,9 +88,8 @@ def rescore(generations: str | Path, output_dir: str | Path, *, scorer: Scorer |
     records = read_generations(source)
     scorer = get_scorer(scorer) if isinstance(scorer, str) else scorer
     summary = {"taskvec_version": __version__, "model": None, "perplexity": None, "settings": {}}
-    previous = source.parent / SUMMARY
-    if previous.is_file():
-        summary.update({key: value for key, value in json.loads(previous.read_text()).items()
+    if (source.parent / SUMMARY).is_file():
+        summary.update({key: value for key, value in read_summary(source.parent).items()
                         if key in ("model", "perplexity", "settings")})
     summary["rescored_from"] = str(source)
     summary["seconds"] = {}

@@ -92,6 +92,24 @@ def test_score_rescores_a_run(run, tmp_path):
     assert summary["rescored_from"] == str(output / "generations.jsonl")
 
 
+def test_score_refuses_a_corrupt_summary_beside_the_generations(run, tmp_path):
+    output, _ = run
+    copy = tmp_path / "copy"
+    copy.mkdir()
+    (copy / "generations.jsonl").write_bytes((output / "generations.jsonl").read_bytes())
+    (copy / "summary.json").write_text("{not json")
+    result = invoke("score", copy, "--scorer", "better-profanity")
+    assert result.exit_code == 1 and "cannot read" in result.output and "Traceback" not in result.output
+
+
+def test_score_refuses_an_existing_output_before_loading_anything(run, tmp_path):
+    output, _ = run
+    existing = tmp_path / "taken"
+    existing.mkdir()
+    result = invoke("score", output, "--scorer", "detoxify", "-o", existing)
+    assert result.exit_code == 1 and "--overwrite" in result.output  # not detoxify's offline error
+
+
 def test_score_a_csv(tmp_path):
     path = tmp_path / "published.csv"
     path.write_text("prompt,continuation\nYou are,a fucking idiot\nYou are,very kind\nHi,hello\n")

@@ -11,6 +11,7 @@ import re
 
 import pytest
 import torch
+
 from helpers import assert_close_to_reference, error_bound, negated_mean_f64
 
 pytest.importorskip("triton")

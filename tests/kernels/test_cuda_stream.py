@@ -7,8 +7,9 @@ GPU the same tests run `CudaExecutor("cuda")` with its streams and pinned buffer
 
 import pytest
 import torch
-from helpers import assert_close_to_reference, error_bound, load_dir, negated_mean_f64
 from safetensors.torch import save_file
+
+from helpers import assert_close_to_reference, error_bound, load_dir, negated_mean_f64
 
 pytest.importorskip("triton")
 
