@@ -24,10 +24,6 @@ class Measurement:
     wall_s: float
     max_rss_bytes: int
 
-    @property
-    def max_rss_mib(self) -> float:
-        return self.max_rss_bytes / 2**20
-
 
 def measure(command: list[str], env: dict[str, str] | None = None) -> Measurement:
     """Run `command` under the wrapper; raise with its stderr if it fails."""

@@ -5,7 +5,8 @@ from pathlib import Path
 
 import click
 
-SCORER_NAMES = ["detoxify", "perspective", "profanity", "better-profanity"]
+from taskvec.eval.scorers import SCORERS  # standard library only: --help stays light
+
 # CLI option -> (the scorer it configures, get_scorer keyword)
 SCORER_OPTIONS = {
     "detoxify_model": ("detoxify", "model_type"),
@@ -23,7 +24,7 @@ def _options(command, options):
 def _scoring_options(command):
     """Scorer choice and settings, shared by eval and score."""
     return _options(command, [
-        click.option("--scorer", type=click.Choice(SCORER_NAMES), default="detoxify", show_default=True,
+        click.option("--scorer", type=click.Choice(list(SCORERS)), default="detoxify", show_default=True,
                      help="Toxicity classifier. detoxify (the original's) needs its checkpoint: downloaded "
                           "on first use, or --detoxify-checkpoint offline. perspective needs an API key "
                           "($PERSPECTIVE_API_KEY). profanity and better-profanity work offline but measure "
