@@ -16,7 +16,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
-from taskvec.errors import TaskvecError
+from taskvec.errors import TaskvecError, brief
+from taskvec.hf import load_hub_dataset
 from taskvec.outputs import check_output, staged_directory
 
 DEFAULT_THRESHOLD = 0.8
@@ -117,7 +118,7 @@ def _read_columns(path: Path, columns: list[str]) -> dict[str, list]:
             _require_columns(path, columns, schema.names)
             table = pq.read_table(path, columns=columns)
         except (OSError, ValueError) as err:  # pyarrow's ArrowInvalid is a ValueError
-            raise TaskvecError(f"{path}: not a readable parquet file ({_first_line(err)})") from None
+            raise TaskvecError(f"{path}: not a readable parquet file ({brief(err)})") from None
         return {name: table.column(name).to_pylist() for name in columns}
     if path.suffix == ".csv":
         with open(path, newline="", encoding="utf-8") as handle:
@@ -161,26 +162,11 @@ def _require_columns(where, wanted: list[str], available: list[str]) -> None:
 
 def _read_hub(dataset_path: str, config: str | None, split: str, columns: list[str]) -> dict[str, list]:
     """The named columns of a hub dataset split, through datasets.load_dataset (cached locally)."""
-    import datasets
-
     hint = "or pass a local .jsonl/.csv/.parquet/.txt file (with --text-column, and --score-column to filter)"
-    try:
-        dataset = datasets.load_dataset(dataset_path, config, split=split)
-    except ConnectionError as err:
-        raise TaskvecError(
-            f"{dataset_path}: the Hugging Face hub cannot be reached and the dataset is not cached "
-            f"({_first_line(err)}); download it where the hub is reachable, {hint}"
-        ) from None
-    except (OSError, ValueError) as err:
-        raise TaskvecError(f"{dataset_path}: not a local file and not loadable from the hub "
-                           f"({_first_line(err)}); {hint}") from None
+    dataset = load_hub_dataset(dataset_path, config, split, local_hint=hint)
     _require_columns(f"{dataset_path} ({split})", columns, dataset.column_names)
     table = dataset.with_format("arrow")  # whole columns at once: row-by-row access is 100x slower
     return {name: table[name].to_pylist() for name in columns}
-
-
-def _first_line(err: Exception) -> str:
-    return (str(err).strip().splitlines() or [type(err).__name__])[0]
 
 
 def write_jsonl(texts: Iterable[str], path: str | Path) -> Path:
@@ -283,16 +269,30 @@ def read_manifest(splits_dir: str | Path) -> dict:
         raise TaskvecError(f"{splits_dir}: not a split directory (no {MANIFEST}; make one with `taskvec data split`)")
     try:
         manifest = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as err:
-        raise TaskvecError(f"{path}: not valid JSON ({err.msg})") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise TaskvecError(f"{path}: not valid JSON ({brief(err)})") from None
     if not isinstance(manifest, dict) or manifest.get("format") != MANIFEST_FORMAT:
         raise TaskvecError(f"{path}: not a {MANIFEST_FORMAT} manifest")
+    n_splits, splits = manifest.get("n_splits"), manifest.get("splits")
+    if not isinstance(n_splits, int) or isinstance(n_splits, bool) or n_splits < 1:
+        raise TaskvecError(f"{path}: n_splits must be a positive integer, not {n_splits!r}")
+    if not isinstance(splits, list) or len(splits) != n_splits:
+        count = len(splits) if isinstance(splits, list) else "no"
+        raise TaskvecError(f"{path}: n_splits is {n_splits} but it lists {count} splits")
+    for k, entry in enumerate(splits):
+        if not (isinstance(entry, dict) and all(isinstance(entry.get(key), str) for key in ("file", "sha256"))):
+            raise TaskvecError(f"{path}: split {k} needs a file name and a sha256")
+        if Path(entry["file"]).name != entry["file"]:
+            raise TaskvecError(f"{path}: split {k} names {entry['file']!r}, not a file inside {splits_dir}")
     return manifest
 
 
-def read_split(splits_dir: str | Path, k: int) -> list[str]:
-    """Texts of split k, checked against the manifest's hash so a changed file is caught."""
-    manifest = read_manifest(splits_dir)
+def read_split(splits_dir: str | Path, k: int, manifest: dict | None = None) -> list[str]:
+    """Texts of split k, checked against the manifest's hash so a changed file is caught.
+
+    Pass the `manifest` read_manifest returned to read several splits without re-reading it.
+    """
+    manifest = read_manifest(splits_dir) if manifest is None else manifest
     n_splits = manifest["n_splits"]
     if not 0 <= k < n_splits:
         raise TaskvecError(f"{splits_dir}: split index {k} out of range (0..{n_splits - 1})")

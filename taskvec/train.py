@@ -15,7 +15,6 @@ import shutil
 import sys
 import time
 from collections.abc import Iterable, Sequence
-from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -29,6 +28,7 @@ from transformers.trainer_utils import get_last_checkpoint
 from taskvec import __version__
 from taskvec.data import read_jsonl, read_manifest, read_split, texts_hash
 from taskvec.errors import TaskvecError
+from taskvec.hf import load_causal_lm, quiet_transformers
 from taskvec.outputs import check_output, staged_directory
 
 MARKER = "taskvec-train.json"
@@ -109,44 +109,6 @@ class PadCollator:
         return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
 
 
-def load_causal_lm(model_dir: str | Path):
-    """(tokenizer, float32 model, the checkpoint's own dtype), or a TaskvecError saying why not."""
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
-    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
-
-    try:
-        config = AutoConfig.from_pretrained(model_dir)
-    except (OSError, ValueError) as err:
-        if Path(model_dir).exists():
-            raise TaskvecError(f"{model_dir}: not a model directory ({_first_line(err)})") from None
-        raise TaskvecError(f"{model_dir}: no such directory, and not loadable from the Hugging Face hub "
-                           f"({_first_line(err)}); pass a local model directory") from None
-    architectures = config.architectures or []
-    causal = set(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values())
-    if config.model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES or (
-        architectures and not any(name in causal for name in architectures)
-    ):
-        kind = ", ".join(architectures) or config.model_type
-        raise TaskvecError(f"{model_dir}: {kind} is not a causal language model (AutoModelForCausalLM)")
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    except (OSError, ValueError, TypeError) as err:
-        raise TaskvecError(f"{model_dir}: cannot load its tokenizer ({_first_line(err)})") from None
-    # Train in float32 whatever the checkpoint stores (AdamW on half-precision weights stalls);
-    # the result is saved back in the checkpoint's dtype so that `taskvec merge` can pair them.
-    saved_dtype = config.dtype if isinstance(config.dtype, torch.dtype) else torch.float32
-    try:
-        model = AutoModelForCausalLM.from_pretrained(model_dir, config=config, dtype=torch.float32)
-    except (OSError, ValueError) as err:
-        raise TaskvecError(f"{model_dir}: cannot load its weights ({_first_line(err)})") from None
-    model.loss_type = "ForCausalLM"  # what transformers falls back to anyway, minus its warning
-    return tokenizer, model, saved_dtype
-
-
-def _first_line(err: Exception) -> str:
-    return (str(err).strip().splitlines() or [type(err).__name__])[0]
-
-
 def tokenize(texts: Sequence[str], tokenizer, max_length: int) -> list[dict]:
     """Token ids of each text, ending with EOS (where the tokenizer has one), at most max_length.
 
@@ -217,8 +179,10 @@ def finetune(model_dir: str | Path, texts: Iterable[str] | str | Path, output_di
         check_output(output_dir, [Path(model_dir)], overwrite=True)
 
     progress = sys.stderr.isatty() if progress is None else progress
-    with _hf_progress_bars(progress):
-        tokenizer, model, saved_dtype = load_causal_lm(model_dir)
+    with quiet_transformers(progress_bars=progress, warnings=True):
+        # Train in float32 whatever the checkpoint stores (AdamW on half-precision weights
+        # stalls); the result is saved back in the stored dtype so that `taskvec merge` pairs them.
+        model, tokenizer, saved_dtype = load_causal_lm(model_dir, dtype=torch.float32)
         dataset = tokenize(texts, tokenizer, config.max_length)
         if not dataset:
             raise TaskvecError(f"{output_dir}: every text is shorter than two tokens; nothing to train on")
@@ -311,21 +275,6 @@ def _make_trainer(model, tokenizer, dataset, args: TrainingArguments, config: Tr
     return trainer
 
 
-@contextmanager
-def _hf_progress_bars(enabled: bool):
-    """Turn transformers' own bars (loading, saving shards) off for a quiet run, then restore."""
-    from transformers.utils import logging as hf_logging
-
-    was_enabled = hf_logging.is_progress_bar_enabled()
-    if not enabled:
-        hf_logging.disable_progress_bar()
-    try:
-        yield
-    finally:
-        if was_enabled:
-            hf_logging.enable_progress_bar()
-
-
 def is_main_process() -> bool:
     """False in the extra processes torchrun or accelerate launch start, which should stay quiet."""
     return int(os.environ.get("RANK", "0")) == 0
@@ -350,7 +299,7 @@ def train_splits(base_model: str | Path, splits_dir: str | Path, output_dir: str
     if split_index is not None and not 0 <= split_index < n_splits:
         raise TaskvecError(f"split index {split_index} out of range: {splits_dir} has splits 0..{n_splits - 1}")
     indices = range(n_splits) if split_index is None else [split_index]
-    texts = {k: read_split(splits_dir, k) for k in indices}
+    texts = {k: read_split(splits_dir, k, manifest) for k in indices}
     progress = sys.stderr.isatty() if progress is None else progress
     show_bar = progress and len(indices) > 1 and is_main_process()
     paths = []

@@ -2,6 +2,7 @@
 
 import csv
 import json
+import re
 from collections import Counter
 
 import datasets
@@ -248,6 +249,26 @@ def test_failed_save_leaves_nothing(tmp_path):
     assert list(tmp_path.iterdir()) == []
     with pytest.raises(TaskvecError, match="not a split directory"):
         read_manifest(tmp_path)
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda m: m.pop("n_splits"), "n_splits must be a positive integer, not None"),
+    (lambda m: m.update(n_splits="3"), "n_splits must be a positive integer, not '3'"),
+    (lambda m: m.update(n_splits=0), "n_splits must be a positive integer, not 0"),
+    (lambda m: m["splits"].pop(), "n_splits is 3 but it lists 2 splits"),
+    (lambda m: m.pop("splits"), "n_splits is 3 but it lists no splits"),
+    (lambda m: m["splits"][1].pop("sha256"), "split 1 needs a file name and a sha256"),
+    (lambda m: m["splits"][2].update(file="../toxic.jsonl"), "split 2 names '../toxic.jsonl', not a file inside"),
+])
+def test_hand_edited_manifest_is_a_one_line_error(tmp_path, edit, message):
+    save_splits([f"text {i}" for i in range(9)], 3, tmp_path / "splits")
+    path = tmp_path / "splits" / "splits.json"
+    manifest = json.loads(path.read_text())
+    edit(manifest)
+    path.write_text(json.dumps(manifest))
+    with pytest.raises(TaskvecError, match=re.escape(message)) as info:
+        read_split(tmp_path / "splits", 0)
+    assert str(info.value).startswith(str(path)) and "\n" not in str(info.value)
 
 
 def test_cli_toxic_then_split(sources, tmp_path):

@@ -49,7 +49,7 @@ def write_untrained_model(output: Path, texts: list[str], size: ModelSize, seed:
     import torch
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    from taskvec.eval.model import quiet_transformers
+    from taskvec.hf import quiet_transformers
 
     tokenizer = train_tokenizer(texts, size.vocab_size)
     config = GPT2Config(

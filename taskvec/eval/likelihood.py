@@ -15,6 +15,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from taskvec.errors import TaskvecError
+from taskvec.hf import load_hub_dataset
 
 WIKITEXT = ("wikitext", "wikitext-103-raw-v1", "test")
 
@@ -31,10 +32,8 @@ def load_ppl_texts(files: Sequence[str | Path] = ()) -> list[str]:
         if not any(text.strip() for text in texts):
             raise TaskvecError(f"perplexity text files {', '.join(map(str, files))} are empty")
         return texts
-    from taskvec.eval.prompts import load_hub_dataset
-
     name, config, split = WIKITEXT
-    return list(load_hub_dataset(name, config, split, "--ppl-file FILE.txt")["text"])
+    return list(load_hub_dataset(name, config, split, local_hint="or pass local text with --ppl-file FILE.txt")["text"])
 
 
 def perplexity(model, tokenizer, texts: Sequence[str], *, stride: int = 512, max_length: int | None = None,

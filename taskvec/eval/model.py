@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from contextlib import contextmanager
 from pathlib import Path
 
 from taskvec.errors import TaskvecError
+from taskvec.hf import load_causal_lm
 
 
 def resolve_device(device: str | None = "auto") -> str:
@@ -19,58 +19,11 @@ def resolve_device(device: str | None = "auto") -> str:
     return device
 
 
-@contextmanager
-def quiet_transformers():
-    """Silence transformers' loading bars and reports; our own errors say what matters."""
-    from transformers.utils import logging
-
-    verbosity, bars = logging.get_verbosity(), logging.is_progress_bar_enabled()
-    logging.set_verbosity_error()
-    logging.disable_progress_bar()
-    try:
-        yield
-    finally:
-        logging.set_verbosity(verbosity)
-        if bars:
-            logging.enable_progress_bar()
-
-
 def load_model(model_dir: str | Path, device: str = "auto"):
-    """(model, tokenizer) of a causal LM directory (or hub id), in eval mode on `device`.
-
-    The tokenizer is made ready for batched generation (see prepare_tokenizer).
-    A directory whose weights do not fit a causal-LM head (e.g. a BERT encoder) is refused rather
-    than evaluated with freshly initialised layers.
-    """
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
-
-    where = str(model_dir)
-    path = Path(model_dir)
-    if path.exists() and not (path / "config.json").is_file():
-        raise TaskvecError(f"{where} is not a model directory (no config.json)")
-    device = resolve_device(device)
-    with quiet_transformers():
-        try:
-            config = AutoConfig.from_pretrained(where)
-        except (OSError, ValueError) as err:
-            raise TaskvecError(f"cannot load a model config from {where}: no such directory, "
-                               f"and not a model on the Hugging Face hub ({type(err).__name__})") from err
-        try:
-            model, info = AutoModelForCausalLM.from_pretrained(where, output_loading_info=True)
-        except ValueError as err:
-            raise TaskvecError(f"{where} is not a causal language model "
-                               f"(model_type {config.model_type!r})") from err
-        except OSError as err:
-            raise TaskvecError(f"cannot load the weights in {where}: {' '.join(str(err).split())[:200]}") from err
-        if info["missing_keys"]:
-            names = ", ".join(sorted(info["missing_keys"])[:3])
-            raise TaskvecError(f"{where} is not a causal language model: its weights lack {names} "
-                               f"(architectures {config.architectures})")
-        try:
-            tokenizer = AutoTokenizer.from_pretrained(where)
-        except (OSError, ValueError, TypeError) as err:
-            raise TaskvecError(f"cannot load a tokenizer from {where} ({type(err).__name__})") from err
-    return model.to(device).eval(), prepare_tokenizer(tokenizer, where)
+    """(model, tokenizer) of a causal LM directory (or hub id), in its stored dtype, in eval mode
+    on `device`; the tokenizer made ready for batched generation (see prepare_tokenizer)."""
+    model, tokenizer, _ = load_causal_lm(model_dir)
+    return model.to(resolve_device(device)).eval(), prepare_tokenizer(tokenizer, str(model_dir))
 
 
 def prepare_tokenizer(tokenizer, where: str = "the model"):

@@ -10,7 +10,7 @@ import os
 import time
 from pathlib import Path
 
-from taskvec.errors import TaskvecError
+from taskvec.errors import TaskvecError, brief
 
 URL = "https://commentanalyzer.googleapis.com/v1alpha1/comments:analyze"
 KEY_VARIABLE = "PERSPECTIVE_API_KEY"
@@ -132,7 +132,7 @@ class PerspectiveScorer:
             message = response.json()["error"]["message"]
         except (ValueError, KeyError, TypeError):
             message = response.reason or "no reason given"
-        return " ".join(str(message).replace(self._key, "***").split())[:200]
+        return brief(str(message).replace(self._key, "***"))
 
 
 def _retry_after(response) -> float | None:

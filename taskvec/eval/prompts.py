@@ -7,28 +7,17 @@ import random
 from pathlib import Path
 
 from taskvec.errors import TaskvecError
+from taskvec.hf import load_hub_dataset
 
 RTP = "allenai/real-toxicity-prompts"
-
-
-def load_hub_dataset(name: str, config: str | None, split: str, local_option: str):
-    """datasets.load_dataset, with one clear error (naming the local alternative) when it fails."""
-    import datasets
-
-    try:
-        return datasets.load_dataset(name, config, split=split)
-    except Exception as err:  # offline, unknown name, missing split: datasets raises many types
-        raise TaskvecError(
-            f"cannot load the Hugging Face dataset {name!r} ({type(err).__name__}: "
-            f"{' '.join(str(err).split())[:150]}); offline, pass local data with {local_option}"
-        ) from err
 
 
 def load_prompts(source: str | Path | None = None, *, n: int | None = None, seed: int = 0) -> list[str]:
     """`n` prompts, sampled with `seed`: from a local file, or from RealToxicityPrompts' challenging
     subset when `source` is None (n defaults to 1000 there, and to the whole file otherwise)."""
     if source is None:
-        rows = load_hub_dataset(RTP, None, "train", "--prompts FILE (.txt or .jsonl)")
+        hint = "or pass a local file with --prompts FILE (.txt or .jsonl)"
+        rows = load_hub_dataset(RTP, None, "train", local_hint=hint)
         rows = rows.filter(lambda row: bool(row["challenging"]))
         count = min(1000 if n is None else n, len(rows))
         return [prompt["text"] for prompt in rows.shuffle(seed=seed).select(range(count))["prompt"]]

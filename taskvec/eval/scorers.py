@@ -14,7 +14,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Protocol, runtime_checkable
 
-from taskvec.errors import TaskvecError
+from taskvec.errors import TaskvecError, brief
 
 
 @runtime_checkable
@@ -89,9 +89,8 @@ class DetoxifyScorer:
                                    huggingface_config_path=None if config_dir is None else str(config_dir))
         except Exception as err:  # download, unpickling and transformers errors all mean "cannot load"
             source = f"checkpoint {checkpoint}" if checkpoint else f"model {model_type!r}"
-            reason = " ".join(str(err).split())[:200]
             raise TaskvecError(
-                f"cannot load the Detoxify {source} ({type(err).__name__}: {reason}); offline, pass "
+                f"cannot load the Detoxify {source} ({type(err).__name__}: {brief(err)}); offline, pass "
                 "--detoxify-checkpoint FILE (and --detoxify-config DIR), or use --scorer profanity"
             ) from err
         if "toxicity" not in self._model.class_names:

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from fnmatch import fnmatch
 from pathlib import Path
 
-from taskvec.errors import TaskvecError
+from taskvec.errors import TaskvecError, brief
 from taskvec.io.safetensors_file import TensorEntry, read_header
 from taskvec.io.shards import INDEX_FILE, SINGLE_FILE
 
@@ -87,10 +87,9 @@ def resolve_model_path(name: str | Path) -> Path:
     try:
         return Path(snapshot_download(str(name), allow_patterns=patterns))
     except Exception as err:  # the hub client raises many types; each means "not fetched"
-        reason = (str(err).strip().splitlines() or [type(err).__name__])[-1]
         raise TaskvecError(
             f"{name}: no such directory, and it could not be fetched from the Hugging Face hub "
-            f"({reason}); pass a local model directory"
+            f"({brief(err, last=True)}); pass a local model directory"
         ) from None
 
 

@@ -178,8 +178,9 @@ def test_bad_input_errors(run, tiny_lm, inputs, tmp_path, monkeypatch):
     assert "leave nothing to evaluate" in error("eval", tiny_lm, "--no-perplexity", "--no-toxicity")
     monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
-    assert "offline, pass local data with --prompts FILE" in error("eval", tiny_lm, "-o", out, "--scorer", "profanity",
-                                                                   "--no-perplexity")
-    assert "offline, pass local data with --ppl-file" in error("eval", tiny_lm, "-o", out, "--no-toxicity")
+    assert "hub cannot be reached" in error("eval", tiny_lm, "-o", out, "--scorer", "profanity", "--no-perplexity")
+    assert "or pass a local file with --prompts FILE" in error("eval", tiny_lm, "-o", out, "--scorer", "profanity",
+                                                               "--no-perplexity")
+    assert "or pass local text with --ppl-file" in error("eval", tiny_lm, "-o", out, "--no-toxicity")
     assert "is not an evaluated run (no summary.json)" in error("compare", tmp_path / "nomodel")
     assert not out.exists()
