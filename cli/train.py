@@ -1,11 +1,12 @@
 """`taskvec train-splits`: a thin wrapper over taskvec.train.train_splits."""
 
+from dataclasses import fields
+
 import click
 
-DEFAULTS = {  # taskvec.train.TrainConfig's defaults, repeated so that --help needs no torch import
-    "learning_rate": 1e-5, "batch_size": 16, "epochs": 5.0, "max_length": 128,
-    "save_steps": 500, "seed": 0,
-}
+from taskvec.train_config import PRECISIONS, TrainConfig
+
+DEFAULTS = {field.name: field.default for field in fields(TrainConfig)}
 
 
 @click.command()
@@ -22,16 +23,18 @@ DEFAULTS = {  # taskvec.train.TrainConfig's defaults, repeated so that --help ne
               help="Examples per step per device.")
 @click.option("--epochs", type=float, default=DEFAULTS["epochs"], show_default=True,
               help="Passes over each split.")
-@click.option("--max-steps", type=click.IntRange(min=1), default=None,
+@click.option("--max-steps", type=click.IntRange(min=1), default=DEFAULTS["max_steps"],
               help="Stop after this many optimizer steps (overrides --epochs).")
 @click.option("--max-length", type=click.IntRange(min=2), default=DEFAULTS["max_length"], show_default=True,
               help="Tokens per example; longer texts are truncated.")
-@click.option("--warmup-steps", type=click.IntRange(min=0), default=0, show_default=True,
+@click.option("--warmup-steps", type=click.IntRange(min=0), default=DEFAULTS["warmup_steps"], show_default=True,
               help="Linear warm-up steps before the decay.")
-@click.option("--weight-decay", type=float, default=0.0, show_default=True, help="AdamW weight decay.")
-@click.option("--gradient-accumulation-steps", type=click.IntRange(min=1), default=1, show_default=True,
+@click.option("--weight-decay", type=float, default=DEFAULTS["weight_decay"], show_default=True,
+              help="AdamW weight decay.")
+@click.option("--gradient-accumulation-steps", type=click.IntRange(min=1),
+              default=DEFAULTS["gradient_accumulation_steps"], show_default=True,
               help="Batches accumulated per optimizer step.")
-@click.option("--precision", type=click.Choice(["fp32", "bf16", "fp16"]), default="fp32", show_default=True,
+@click.option("--precision", type=click.Choice(PRECISIONS), default=DEFAULTS["precision"], show_default=True,
               help="Mixed precision on a GPU (weights stay float32 while training).")
 @click.option("--ascent", is_flag=True,
               help="Gradient ascent on the LM loss (the classic unlearning baseline) instead of descent.")
@@ -59,7 +62,7 @@ def train_splits(splits_dir, base, output, split_index, learning_rate, batch_siz
         torchrun --nproc_per_node 4 -m taskvec train-splits toxic-splits --base gpt2 -o runs
         taskvec merge --base gpt2 --scale 1.0 -o gpt2-detox runs/split-*
     """
-    from taskvec.train import TrainConfig, is_main_process
+    from taskvec.train import is_main_process
     from taskvec.train import train_splits as run
 
     config = TrainConfig(learning_rate=learning_rate, batch_size=batch_size, epochs=epochs,

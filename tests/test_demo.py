@@ -90,7 +90,7 @@ def test_tokenizer_round_trips_and_ends_texts_with_eos():
 
 def rows(base=(10.0, 0.20), finetuned=(12.0, 0.70), single=(11.0, 0.05), merged=(10.2, 0.05)):
     return {name: {"perplexity": p, "mean_toxicity": t}
-            for name, (p, t) in zip(RUNS, (base, finetuned, single, merged))}
+            for name, (p, t) in zip(RUNS, (base, finetuned, single, merged), strict=True)}
 
 
 def test_verdict_passes_when_the_numbers_show_the_effect():
@@ -195,13 +195,13 @@ def test_quick_run_writes_everything_and_prints_the_table(quick_run):
     assert [p.name for p in sorted((output / "models" / "finetuned").glob("split-*"))] == \
         ["split-00", "split-01", "split-02"]
     # the table's numbers are the evaluation summaries', and the verdict is computed from them
-    for row, name in zip(record["rows"], RUNS):
+    for row, name in zip(record["rows"], RUNS, strict=True):
         summary = json.loads((output / "eval" / name / "summary.json").read_text())
         assert row["run"] == name
         assert row["perplexity"] == summary["perplexity"]
         assert row["mean_toxicity"] == summary["metrics"]["mean_toxicity"]
         assert f"{summary['perplexity']:.2f}" in report
-    checks = judge(dict(zip(RUNS, record["rows"])))
+    checks = judge(dict(zip(RUNS, record["rows"], strict=True)))
     assert [c["passed"] for c in record["checks"]] == [c.passed for c in checks]
     assert summarize(checks) in report
 
@@ -227,7 +227,7 @@ def test_quick_run_merges_what_the_method_says(quick_run):
 def test_quick_run_shows_the_direction_of_the_effect(quick_run):
     """Even the quick size must learn toxicity from the splits and remove it by negation."""
     output, _ = quick_run
-    rows = dict(zip(RUNS, json.loads((output / MARKER).read_text())["rows"]))
+    rows = dict(zip(RUNS, json.loads((output / MARKER).read_text())["rows"], strict=True))
     assert rows["finetuned"]["mean_toxicity"] > 2 * rows["base"]["mean_toxicity"]
     assert rows["merged"]["mean_toxicity"] < rows["base"]["mean_toxicity"]
     assert rows["single"]["mean_toxicity"] < rows["base"]["mean_toxicity"]

@@ -3,7 +3,8 @@ reference, resuming a killed run, --split-index, skipping finished splits, and b
 
 import json
 import os
-from dataclasses import fields
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -22,7 +23,6 @@ from transformers import (
 )
 
 from taskvec.cli import main
-from taskvec.cli.train import DEFAULTS
 from taskvec.data import save_splits
 from taskvec.errors import TaskvecError
 from taskvec.train import MARKER, TrainConfig, finetune, train_splits
@@ -111,7 +111,7 @@ def reference_finetune(base_dir, texts, *, steps, lr, max_length, ascent, eps=1e
         clip = min(1.0, 1.0 / (norm.item() + 1e-6))
         rate = lr * (steps - step) / steps
         with torch.no_grad():
-            for p, g, mi, vi in zip(params, grads, m, v):
+            for p, g, mi, vi in zip(params, grads, m, v, strict=True):
                 g = g * clip
                 mi.mul_(betas[0]).add_((1 - betas[0]) * g)
                 vi.mul_(betas[1]).add_((1 - betas[1]) * g * g)
@@ -162,7 +162,8 @@ def test_outputs_are_model_dirs_that_merge_takes(full_run, base, tokenizer):
     assert a.keys() == base_weights.keys()
     assert any(not torch.equal(a[k], b[k]) for k in a)  # different data, different fine-tunes
 
-    result = run("merge", "--base", base, "--scale", 1.0, "-o", full_run / "detox", runs / "split-00", runs / "split-01")
+    result = run("merge", "--base", base, "--scale", 1.0, "-o", full_run / "detox",
+                 runs / "split-00", runs / "split-01")
     assert result.exit_code == 0, result.output
     merged = load_dir(full_run / "detox")
     for name, value in merged.items():
@@ -360,10 +361,31 @@ def test_cli_errors_are_one_line(full_run, base, not_causal, tmp_path, args, mes
     assert not (tmp_path / "out").exists() or list((tmp_path / "out").iterdir()) == []
 
 
-def test_cli_defaults_are_the_recipe():
-    defaults = {f.name: f.default for f in fields(TrainConfig)}
-    assert {k: defaults[k] for k in DEFAULTS} == DEFAULTS
-    assert (defaults["learning_rate"], defaults["batch_size"], defaults["epochs"], defaults["ascent"]) == (1e-5, 16, 5, False)
+def test_cli_defaults_are_the_recipe(monkeypatch, tmp_path):
+    """The command passes TrainConfig's defaults through, and those are the original recipe."""
+    import taskvec.train
+
+    seen = {}
+
+    def record(base, splits_dir, output, config, split_index, **options):
+        seen["config"] = config
+        return []
+
+    monkeypatch.setattr(taskvec.train, "train_splits", record)
+    result = run("train-splits", tmp_path / "splits", "-o", tmp_path / "out")
+    assert result.exit_code == 0, result.output
+    assert seen["config"] == TrainConfig()
+    recipe = TrainConfig()
+    assert (recipe.learning_rate, recipe.batch_size, recipe.epochs, recipe.ascent) == (1e-5, 16, 5, False)
     result = run("train-splits", "--help")
     assert result.exit_code == 0
     assert "--split-index" in result.output and "torchrun" in result.output and "[default: 1e-05]" in result.output
+
+
+def test_help_imports_no_torch():
+    """--help answers at once: the training stack is imported only when a command runs."""
+    code = ("import sys; from click.testing import CliRunner; from taskvec.cli import main; "
+            "assert CliRunner().invoke(main, ['train-splits', '--help']).exit_code == 0; "
+            "print(sorted(m for m in ('torch', 'transformers') if m in sys.modules))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert done.stdout.strip() == "[]"

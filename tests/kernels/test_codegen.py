@@ -74,6 +74,6 @@ def test_ptx_for_sm90_vectorises_every_input():
         pytest.skip(f"this triton's compiler internals differ: {result.stderr.splitlines()[-1]}")
     assert result.returncode == 0, result.stderr
     counts = json.loads(result.stdout)
-    for case, (aligned, unaligned) in zip(CASES, zip(counts[::2], counts[1::2])):
+    for case, (aligned, unaligned) in zip(CASES, zip(counts[::2], counts[1::2], strict=True), strict=True):
         assert unaligned > 0, case  # the base, a typed argument, is always vectorised
         assert aligned == 2 * unaligned, case  # ... and with the hint the fine-tunes are too

@@ -131,7 +131,7 @@ def test_out_buffer_and_reused_pointer_table(device, launches):
     for seed, numel in [(1, 999), (2, 1000)]:
         base, fts = make_inputs(numel, 2, torch.float32, device, seed=seed)
         views = [b[:numel * 4].view(torch.float32) for b in buffers]
-        for view, source in zip(views, [base, *fts]):
+        for view, source in zip(views, [base, *fts], strict=True):
             view.copy_(source)
         out = out_raw[:numel * 2].view(torch.bfloat16)
         result = combine_triton(views[0], views[1:], 3.0, -1.0, out=out, table=table)
@@ -145,7 +145,7 @@ def test_inputs_are_not_modified_and_empty_tensors_launch_nothing(device, launch
     base, fts = make_inputs(300, 3, torch.float16, device)
     before = [t.clone() for t in [base, *fts]]
     combine_triton(base, fts, 2.0, -1 / 3)
-    assert all(torch.equal(a, b) for a, b in zip(before, [base, *fts]))
+    assert all(torch.equal(a, b) for a, b in zip(before, [base, *fts], strict=True))
     empty = torch.empty(0, 5, dtype=torch.float16, device=device)
     result = combine_triton(empty, [empty.clone()], 2.0, -1.0)
     assert result.shape == (0, 5) and len(launches) == 1

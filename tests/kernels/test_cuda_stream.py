@@ -15,7 +15,6 @@ pytest.importorskip("triton")
 
 from taskvec import merge  # noqa: E402
 from taskvec.cuda_stream import CudaExecutor  # noqa: E402
-from taskvec.io.checkpoint import open_checkpoint  # noqa: E402
 
 SHAPES = {  # name -> (shape, dtype): split tensors, packed small ones, every job kind
     "a.weight": ((257, 9), torch.float32),
