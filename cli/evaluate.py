@@ -5,7 +5,8 @@ from pathlib import Path
 
 import click
 
-from taskvec.eval.scorers import SCORERS  # standard library only: --help stays light
+from taskvec.eval.records import GENERATIONS, SUMMARY
+from taskvec.eval.scorers import SCORERS  # these modules import the standard library only: --help stays light
 
 # CLI option -> (the scorer it configures, get_scorer keyword)
 SCORER_OPTIONS = {
@@ -76,7 +77,7 @@ def _print_run(summary, output):
     from taskvec.eval.compare import format_table, summary_row
 
     click.echo(format_table([summary_row(summary, Path(output).name)]))
-    files = ", ".join(name for name in ("generations.jsonl", "summary.json") if (Path(output) / name).exists())
+    files = ", ".join(name for name in (GENERATIONS, SUMMARY) if (Path(output) / name).exists())
     click.echo(f"wrote {output} ({files})")
 
 
@@ -170,7 +171,7 @@ def score(generations, output, scorer, device, **options):
 
     source = generations_path(generations)
     if output is None:
-        stem = source.parent if (source.parent / "summary.json").is_file() else source.with_suffix("")
+        stem = source.parent if (source.parent / SUMMARY).is_file() else source.with_suffix("")
         output = f"{stem}-{scorer}"
     check_output(output, [source], options["overwrite"])  # before loading the scorer
     scorer_obj = _make_scorer(scorer, device, **_split_scorer_options(options))

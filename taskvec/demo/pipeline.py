@@ -37,10 +37,11 @@ STAGES = 7
 
 @dataclass(frozen=True)
 class DemoResult:
+    """What a demo produced: the numbers and checks for a caller to act on, the report to print."""
+
     output: Path
-    rows: list[dict]
+    rows: list[dict]  # one per run in RUNS, as taskvec.eval.compare_runs gives them
     checks: list[Check]
-    table: str
     report: str
     plot: Path
 
@@ -141,13 +142,12 @@ def _run(output: Path, splits: int, scale: float, settings: DemoSettings, seed: 
     plot = output / "comparison.png"
     rows = compare_runs(runs, plot, labels=list(RUNS))
     checks = judge(dict(zip(RUNS, rows, strict=True)))
-    table = format_table(rows)
-    report = "\n".join([table, "", LEGEND, "", summarize(checks)])
+    report = "\n".join([format_table(rows), "", LEGEND, "", summarize(checks)])
     (output / "report.txt").write_text(report + "\n", encoding="utf-8")
     record.update(status="complete", seconds=round(stage.elapsed(), 1), rows=rows,
                   checks=[asdict(c) for c in checks], passed=all(c.passed for c in checks))
     _write_json(output / MARKER, record)
-    return DemoResult(output, rows, checks, table, report, plot)
+    return DemoResult(output, rows, checks, report, plot)
 
 
 class _Stages:
