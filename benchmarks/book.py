@@ -74,6 +74,11 @@ class Book:
                 out[f"{other}_rss_ratio"] = row.rss_mib / taskvec.rss_mib
         if taskvec:
             out["rss_mib"] = taskvec.rss_mib
+        cuda = get(case, "taskvec-cuda")
+        if cuda and rw:  # the GPU figure: the whole merge against just reading the inputs
+            out["cuda_read_ratio"] = cuda.wall_s / rw.extra["read_s"]
+        if cuda and taskvec:
+            out["cuda_speedup"] = taskvec.wall_s / cuda.wall_s
         return out
 
     def rss_flatness(self) -> list[tuple[str, str, float]]:
@@ -108,6 +113,14 @@ class Book:
                 cells.append(_fmt(s.get("rss_mib"), "", 0))
                 cells += [_fmt(s.get(k), "x") for k in ("mergekit_rss_ratio", "original_rss_ratio")]
                 lines.append(f"| {case} | " + " | ".join(cells) + " |")
+            cuda_cases = [c for c in dict.fromkeys(r.case for r in self.rows) if self.row(c, "taskvec-cuda")]
+            if cuda_cases:
+                lines += ["", "| case | taskvec --device cuda (s) | cuda / read inputs | cpu / cuda (time) |",
+                          "|---|---:|---:|---:|"]
+                for case in cuda_cases:
+                    s = self.case_summary(case)
+                    lines.append(f"| {case} | {self.row(case, 'taskvec-cuda').wall_s:.2f} | "
+                                 f"{_fmt(s.get('cuda_read_ratio'), 'x')} | {_fmt(s.get('cuda_speedup'), 'x')} |")
             for five, sixteen, ratio in self.rss_flatness():
                 lines.append(f"\ntaskvec peak RSS {sixteen} / {five}: {ratio:.3f}")
         if self.ops:

@@ -34,7 +34,7 @@ CASES = {
     "full": [Case("gpt2", 5), Case("gpt2", 1), Case("gpt2", 16), Case("tiny", 5), Case("gpt2-medium", 5)],
     "xl": [Case("gpt2-xl", 5)],
 }
-XL_TOOLS = ("import taskvec", "read+write", "taskvec")  # the others would need 5x RAM
+XL_TOOLS = ("import taskvec", "read+write", "taskvec", "taskvec-cuda")  # the others would need 5x RAM
 
 
 def pytest_generate_tests(metafunc):

@@ -6,6 +6,7 @@ import sys
 
 import pytest
 
+from benchmarks.book import Book, Row
 from benchmarks.check import check_negated_mean
 from benchmarks.measure import measure
 from benchmarks.tools import command, ensure_checkpoints, unavailable
@@ -35,3 +36,19 @@ def test_check_rejects_a_merge_with_the_wrong_scale(tmp_path):
         check_negated_mean(output, inputs.base, inputs.finetuned, 0.6)
     with pytest.raises(AssertionError, match="off the float64 reference"):
         check_negated_mean(output, inputs.base, inputs.finetuned[:1], 0.5)
+
+
+def test_book_relates_the_gpu_merge_to_reading_the_inputs():
+    book = Book("full")
+    case = "gpt2-float32-N5"
+    read_write = Row(case, "read+write", walls_s=[3.0], extra={"read_s": 2.0, "write_s": 1.0})
+    for row in (Row(case, "import taskvec", walls_s=[0.5]), read_write,
+                Row(case, "taskvec", walls_s=[6.0, 5.0, 7.0], rss_bytes=[300 * 2**20]),
+                Row(case, "taskvec-cuda", walls_s=[2.5, 2.4, 3.0])):
+        book.add(row)
+    summary = book.case_summary(case)
+    assert summary["cuda_read_ratio"] == pytest.approx(2.5 / 2.0)
+    assert summary["cuda_speedup"] == pytest.approx(6.0 / 2.5)
+    assert summary["floor_ratio"] == pytest.approx(6.0 / 3.5)
+    assert "| gpt2-float32-N5 | 2.50 | 1.25x | 2.40x |" in book.markdown()
+    assert "cuda_read_ratio" not in Book("full").case_summary(case)

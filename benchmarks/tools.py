@@ -1,12 +1,14 @@
 """The merges being compared, as commands, and the checkpoint sets they run on.
 
 Every tool computes base - scale * (mean(ft) - base) from the same inputs into a fresh
-output directory; `taskvec` is the command a user runs, `original` the research code's way,
-`mergekit` mergekit's task_arithmetic.
+output directory; `taskvec` is the command a user runs (on CPU), `taskvec-cuda` the same with
+`--device cuda` (fused Triton kernel, pinned double-buffered copies; GPU machines only),
+`original` the research code's way, `mergekit` mergekit's task_arithmetic.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import shutil
 import sys
@@ -15,7 +17,7 @@ from pathlib import Path
 
 from benchmarks.mergekit_runner import mergekit_command, mergekit_yaml, write_config
 
-MERGERS = ("taskvec", "original", "mergekit")
+MERGERS = ("taskvec", "taskvec-cuda", "original", "mergekit")
 BASELINES = ("import torch", "import taskvec", "read+write")
 
 
@@ -52,17 +54,23 @@ def unavailable(tool: str) -> str | None:
     """Why `tool` cannot run here, or None."""
     if tool == "mergekit" and mergekit_yaml() is None:
         return "mergekit is not installed (pip install 'taskvec[bench]'); skipping the mergekit comparison"
-    if tool == "taskvec" and taskvec_executable() is None:
+    if tool.startswith("taskvec") and taskvec_executable() is None:
         return "the taskvec command is not installed (pip install -e .)"
+    if tool == "taskvec-cuda":
+        import torch
+
+        if not torch.cuda.is_available() or importlib.util.find_spec("triton") is None:
+            return "needs a CUDA GPU and triton (taskvec merge --device cuda)"
     return None
 
 
 def command(tool: str, inputs: Inputs, scale: float, output: Path, workdir: Path) -> list[str]:
     """The command line that makes `tool` write the negated mean of `inputs` to `output`."""
     fts = [str(p) for p in inputs.finetuned]
-    if tool == "taskvec":
+    if tool in ("taskvec", "taskvec-cuda"):
+        device = "cuda" if tool == "taskvec-cuda" else "cpu"
         return [taskvec_executable(), "merge", "--base", str(inputs.base), "--scale", str(scale),
-                "--output", str(output), "--no-progress", *fts]
+                "--output", str(output), "--device", device, "--no-progress", *fts]
     if tool == "original":
         script = Path(__file__).with_name("original_approach.py")
         return [sys.executable, str(script), "--base", str(inputs.base), "--scale", str(scale),
