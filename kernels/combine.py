@@ -9,8 +9,13 @@ and writes the block once: (N + 2) tensor-sized memory transfers, the minimum. D
 * Offsets are int64, so tensors past 2**31 elements index correctly.
 * Full blocks run unmasked (vectorised 16-byte accesses whatever numel is); only the last,
   partial block is masked.
+* The linear form is one explicit fused multiply-add, fma(base, base_coef, sum_coef * acc),
+  the rounding torch's CPU `add_(alpha=)` does: left to itself the GPU compiler contracts it
+  the other way round, so results would differ from the CPU path in the last bit.
 * bfloat16 outputs are rounded to nearest-even with integer arithmetic, identical on GPUs and
   in Triton's CPU interpreter (whose own float32 -> bfloat16 cast truncates).
+
+Together these make the kernel's output equal, bit for bit, to `combine_reference`'s.
 
 This module imports triton; callers check `taskvec.kernels.triton_available()` first.
 """
@@ -65,7 +70,7 @@ def _combine_block(base_ptr, table_ptr, out_ptr, n_ft, offs, mask, base_coef, su
             ft_ptr = tl.multiple_of(ft_ptr, 16)
         acc += tl.load(ft_ptr + offs, mask=mask).to(tl.float32)
     base = tl.load(base_ptr + offs, mask=mask).to(tl.float32)
-    result = base_coef * base + sum_coef * acc
+    result = tl.fma(base, base_coef, sum_coef * acc)
     if out_ptr.dtype.element_ty == tl.bfloat16:
         result = _round_to_bfloat16(result)
     tl.store(out_ptr + offs, result.to(out_ptr.dtype.element_ty), mask=mask)
@@ -91,9 +96,16 @@ class PointerTable:
 
 
 def pointer_table(tensors: Sequence[torch.Tensor]) -> PointerTable:
-    """An int64 table of `tensors`' data pointers on their device (one small host-to-device copy)."""
+    """An int64 table of `tensors`' data pointers on their device.
+
+    On a GPU it is uploaded from pinned memory without blocking, in order on the current stream
+    (a plain `torch.tensor(..., device=)` would wait for all the stream's queued work).
+    """
     addresses = tuple(t.data_ptr() for t in tensors)
-    return PointerTable(addresses, torch.tensor(addresses, dtype=torch.int64, device=tensors[0].device))
+    table = torch.tensor(addresses, dtype=torch.int64)
+    if tensors[0].is_cuda:
+        table = table.pin_memory().to(tensors[0].device, non_blocking=True)
+    return PointerTable(addresses, table)
 
 
 def launch_config(numel: int) -> tuple[int, int]:
@@ -150,7 +162,10 @@ def _check_inputs(base: torch.Tensor, finetuned: list[torch.Tensor]) -> None:
         raise TaskvecError("combine_triton needs at least one fine-tuned tensor, got none")
     if base.device.type != "cuda" and not (base.device.type == "cpu" and interpreted()):
         raise TaskvecError(f"combine_triton needs CUDA tensors, base is on {base.device} "
-                         "(use combine_reference, or TRITON_INTERPRET=1 for CPU)")
+                           "(use combine_reference, or TRITON_INTERPRET=1 for CPU)")
+    if base.device.type == "cuda" and interpreted():  # the interpreter would read device addresses as host ones
+        raise TaskvecError("combine_triton: TRITON_INTERPRET=1 runs kernels on the CPU and cannot take "
+                           "CUDA tensors (unset it to use the GPU)")
     if base.dtype not in KERNEL_DTYPES:
         raise TaskvecError(f"combine_triton: base has dtype {base.dtype}; supported: "
                         f"{', '.join(str(d) for d in KERNEL_DTYPES)}")

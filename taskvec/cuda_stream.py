@@ -61,6 +61,14 @@ class _Streams:
     def host_buffer(self, nbytes: int) -> torch.Tensor:
         return torch.empty(nbytes, dtype=torch.uint8, pin_memory=self.cuda)
 
+    def follow_current(self) -> None:
+        """Order both streams after the work already queued on the caller's stream: memory the
+        caching allocator hands out may still be read by a kernel queued there."""
+        if self.cuda:
+            current = torch.cuda.current_stream(self.copy.device)
+            self.copy.wait_stream(current)
+            self.compute.wait_stream(current)
+
     def synchronize(self) -> None:
         if self.cuda:
             self.copy.synchronize()
@@ -117,6 +125,7 @@ class CudaExecutor:
         out_bytes = max(job.nbytes_out for job in jobs)
         staging = [_Staging(streams.host_buffer(in_bytes), streams.event()) for _ in range(2)]
         slots = [self._slot(plan.n_inputs, in_bytes, out_bytes, streams) for _ in range(SLOTS)]
+        streams.follow_current()
         pending = None
         uploads = 0
         for k, job in enumerate(jobs):

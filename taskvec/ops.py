@@ -3,7 +3,8 @@
 Every function is one case of the fused linear form in `taskvec.kernels`, accumulated in float32
 and returned in the base's dtype unless `dtype` says otherwise. CUDA tensors of one dtype go to
 the Triton kernel (one pass over memory); everything else runs the torch reference, which gives
-the same numbers on CPU.
+the same numbers on CPU. Tensors that require gradients also take the torch path, so autograd
+sees the operation.
 
     task_vector(base, ft)               = ft - base
     mean_task_vector(base, fts)         = mean(fts) - base
@@ -30,8 +31,8 @@ def combine(base: torch.Tensor, tensors: Sequence[torch.Tensor], base_coef: floa
             *, dtype: torch.dtype | None = None) -> torch.Tensor:
     """``base_coef * base + sum_coef * sum(tensors)``, accumulated in float32.
 
-    CUDA tensors of one kernel dtype (float32, float16, bfloat16) run the fused Triton kernel;
-    anything else runs the torch reference.
+    CUDA tensors of one kernel dtype (float32, float16, bfloat16) run the fused Triton kernel,
+    unless gradients are wanted; anything else runs the torch reference.
     """
     tensors = list(tensors)
     if not tensors:
@@ -41,19 +42,26 @@ def combine(base: torch.Tensor, tensors: Sequence[torch.Tensor], base_coef: floa
             raise TaskvecError(f"tensor {i} has shape {list(tensor.shape)}, base has {list(base.shape)}")
         if tensor.device != base.device:
             raise TaskvecError(f"tensor {i} is on {tensor.device}, base is on {base.device}")
-    if base.is_cuda and all(t.dtype == base.dtype for t in tensors) and _triton():
-        from taskvec.kernels.combine import KERNEL_DTYPES, combine_triton
+    if _kernel_applies(base, tensors, dtype):
+        from taskvec.kernels.combine import combine_triton
 
-        if base.dtype in KERNEL_DTYPES and (dtype or base.dtype) in KERNEL_DTYPES:
-            return combine_triton(base.contiguous(), [t.contiguous() for t in tensors],
-                                  base_coef, sum_coef, dtype=dtype)
+        return combine_triton(base.contiguous(), [t.contiguous() for t in tensors],
+                              base_coef, sum_coef, dtype=dtype)
     return combine_reference(base, tensors, base_coef, sum_coef, dtype=dtype)
 
 
-def _triton() -> bool:
+def _kernel_applies(base: torch.Tensor, tensors: list[torch.Tensor], dtype: torch.dtype | None) -> bool:
+    """The fused kernel takes CUDA tensors of one kernel dtype, compiled (not interpreted) Triton,
+    and no autograd: it writes its result outside the graph."""
     from taskvec.kernels import triton_available
 
-    return triton_available()
+    if not base.is_cuda or not triton_available():
+        return False
+    from taskvec.kernels.combine import KERNEL_DTYPES, interpreted
+
+    wants_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (base, *tensors))
+    return (not interpreted() and not wants_grad and base.dtype in KERNEL_DTYPES
+            and (dtype or base.dtype) in KERNEL_DTYPES and all(t.dtype == base.dtype for t in tensors))
 
 
 def task_vector(base: torch.Tensor, finetuned: torch.Tensor, *, dtype=None) -> torch.Tensor:

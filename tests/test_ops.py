@@ -99,3 +99,32 @@ def test_taskvector_errors():
         tv + ops.TaskVector({"w": tv.vector["w"]})
     with pytest.raises(TaskvecError, match="not in the base"):
         tv.apply_to({"w": base["w"]})
+
+
+def test_gradients_flow_through_the_ops():
+    """Tensors that require gradients take the torch path (on a GPU too), so autograd sees it."""
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    base, fts = make((64,), 3, torch.float32)
+    base = base.to(device).requires_grad_()
+    out = ops.negated_mean(base, [f.to(device) for f in fts], 0.5)
+    out.sum().backward()
+    # d/d base of (1 + scale) * base - scale * mean(fts) is 1 + scale everywhere
+    assert torch.equal(base.grad, torch.full_like(base, 1.5))
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_cuda_tensors_run_the_kernel_and_match_the_cpu(dtype, monkeypatch):
+    pytest.importorskip("triton")
+    from taskvec.kernels import combine
+
+    launched = []
+    kernel = combine.combine_triton
+    monkeypatch.setattr(combine, "combine_triton", lambda *a, **k: launched.append(1) or kernel(*a, **k))
+    base, fts = make((33, 65), 5, dtype)
+    gpu = ops.negated_mean(base.cuda(), [f.cuda() for f in fts], 0.75)
+    assert launched and gpu.is_cuda
+    assert torch.equal(gpu.cpu(), ops.negated_mean(base, fts, 0.75))
+    strided = ops.negated_mean(base.cuda().t(), [f.cuda().t() for f in fts], 0.75)  # made contiguous first
+    assert torch.equal(strided.cpu(), ops.negated_mean(base.t(), [f.t() for f in fts], 0.75))

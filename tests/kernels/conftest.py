@@ -24,6 +24,8 @@ def device(request):
     """Where the kernel runs: CPU through Triton's interpreter, and the GPU when there is one."""
     if request.param == "cpu" and not interpreted():
         pytest.skip("Triton's interpreter is off (TRITON_INTERPRET=1 is set only without CUDA)")
+    if request.param == "cuda" and interpreted():
+        pytest.skip("TRITON_INTERPRET=1 is set: kernels run on the CPU, not on the GPU")
     return request.param
 
 

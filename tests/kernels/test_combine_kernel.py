@@ -80,6 +80,23 @@ def test_other_linear_forms(device, launches, form):
     check(out, base, fts, *coefs, reference, torch.float32, form)
 
 
+@pytest.mark.skipif(torch.backends.cpu.get_cpu_capability() == "DEFAULT",
+                    reason="torch's CPU build without SIMD computes add_(alpha=) with two roundings, not an FMA")
+@pytest.mark.parametrize("in_dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("out_dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("n,numel", [(1, 1), (2, 127), (5, 5003), (16, 1025)])
+def test_kernel_equals_the_torch_path_bit_for_bit(device, launches, in_dtype, out_dtype, n, numel):
+    """Same accumulation order, one fma(base, base_coef, sum_coef * acc), round to nearest-even:
+    the GPU merge and the CPU merge write the same bytes. Coefficients with long mantissas make
+    any other rounding order show."""
+    base, fts = make_inputs(numel, n, in_dtype, device, seed=11 * n + numel)
+    base_coef, sum_coef = 1 + 0.7, -0.7 / n
+    out = combine_triton(base, fts, base_coef, sum_coef, dtype=out_dtype)
+    expected = combine_reference(base.cpu(), [f.cpu() for f in fts], base_coef, sum_coef, dtype=out_dtype)
+    assert len(launches) == 1
+    assert torch.equal(out.cpu(), expected), (out.cpu() != expected).sum().item()
+
+
 @pytest.mark.filterwarnings("ignore::RuntimeWarning")  # numpy (the interpreter) on inf and NaN
 @pytest.mark.parametrize("out_dtype", [torch.bfloat16, torch.float16], ids=str)
 def test_rounding_to_16_bits_matches_torch_bit_for_bit(device, launches, out_dtype):
@@ -155,6 +172,13 @@ def _cpu_pair():
     return torch.ones(8), [torch.ones(8), torch.ones(8)]
 
 
+@pytest.fixture
+def checks_only(monkeypatch):
+    """Argument checks run before any launch, so CPU tensors serve on any machine: accept them
+    as the interpreter does, also where the kernel is compiled for a GPU."""
+    monkeypatch.setattr(combine, "interpreted", lambda: True)
+
+
 @pytest.mark.parametrize("make,message", [
     (lambda b, f: (b, []), "at least one fine-tuned tensor"),
     (lambda b, f: (b, [f[0], f[1].half()]), "finetuned[1] has dtype torch.float16"),
@@ -163,7 +187,7 @@ def _cpu_pair():
     (lambda b, f: (b.double(), [t.double() for t in f]), "base has dtype torch.float64"),
     (lambda b, f: (b, [f[0], torch.ones(8, device="meta")]), "finetuned[1] is on meta"),
 ])
-def test_bad_inputs_raise_one_line_errors(make, message):
+def test_bad_inputs_raise_one_line_errors(checks_only, make, message):
     base, fts = make(*_cpu_pair())
     with pytest.raises(TaskvecError, match=re.escape(message)) as error:
         combine_triton(base, fts, 1.0, 1.0)
@@ -175,13 +199,13 @@ def test_bad_inputs_raise_one_line_errors(make, message):
     (torch.empty(16)[::2], "not contiguous"),
     (torch.empty(8, dtype=torch.float64), "out has dtype torch.float64"),
 ])
-def test_bad_out_raises(out, message):
+def test_bad_out_raises(checks_only, out, message):
     base, fts = _cpu_pair()
     with pytest.raises(TaskvecError, match=message):
         combine_triton(base, fts, 1.0, 1.0, out=out)
 
 
-def test_out_may_not_overlap_an_input_nor_mismatch_dtype():
+def test_out_may_not_overlap_an_input_nor_mismatch_dtype(checks_only):
     base, fts = _cpu_pair()
     with pytest.raises(TaskvecError, match="out overlaps finetuned.1."):
         combine_triton(base, fts, 1.0, 1.0, out=fts[1])
@@ -202,3 +226,12 @@ def test_launch_configuration_is_one_of_two():
     assert combine.launch_config(1) == combine.SMALL
     assert combine.launch_config(combine.SMALL_NUMEL) == combine.LARGE
     assert combine.launch_config(2**40) == combine.LARGE
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_tensors_are_refused_by_the_interpreter(monkeypatch):
+    monkeypatch.setattr(combine, "interpreted", lambda: True)
+    base, fts = make_inputs(8, 2, torch.float32, "cuda")
+    with pytest.raises(TaskvecError, match="TRITON_INTERPRET=1 runs kernels on the CPU"):
+        combine_triton(base, fts, 1.0, 1.0)
