@@ -5,6 +5,8 @@ they do not use (transformers, datasets), which matters for a merge that takes s
 """
 
 import importlib
+import signal
+from contextlib import contextmanager
 
 import click
 
@@ -40,10 +42,26 @@ class LazyGroup(click.Group):
         return getattr(module, attr)
 
     def invoke(self, ctx):
-        try:
-            return super().invoke(ctx)
-        except TaskvecError as err:
-            raise click.ClickException(str(err)) from None
+        with _sigterm_unwinds():
+            try:
+                return super().invoke(ctx)
+            except TaskvecError as err:
+                raise click.ClickException(str(err)) from None
+
+
+@contextmanager
+def _sigterm_unwinds():
+    """Make SIGTERM (kill, scancel, a job's time limit) unwind like Ctrl-C, so that staged
+    outputs are removed on the way out instead of being left half-written; exit status 143."""
+
+    def stop(signum, frame):
+        raise SystemExit(128 + signum)
+
+    previous = signal.signal(signal.SIGTERM, stop)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 @click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})

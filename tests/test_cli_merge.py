@@ -59,3 +59,22 @@ def test_console_script_runs_and_kernels_are_namespaced(tmp_path):
     found = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, cwd=tmp_path)
     assert found.returncode == 0, found.stderr
     assert found.stdout.strip() == "None None"
+
+
+def test_sigterm_removes_the_partial_output(synthetic_sets, tmp_path):
+    """kill / scancel / a job's time limit mid-merge: the staged output goes, the target never appears."""
+    import signal
+    import time
+
+    sset = synthetic_sets("float32")
+    output = tmp_path / "out"
+    argv = [sys.executable, "-m", "taskvec", "merge", "--base", str(sset.base), "-o", str(output),
+            "--chunk-size", "64", "--no-progress", *map(str, sset.finetuned)]  # tiny chunks: seconds
+    process = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 60
+    while not list(tmp_path.glob(".out.partial-*")) and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert process.poll() is None, "the merge ended before it could be interrupted"
+    process.send_signal(signal.SIGTERM)
+    assert process.wait(timeout=60) == 128 + signal.SIGTERM
+    assert list(tmp_path.iterdir()) == []
