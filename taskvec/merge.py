@@ -15,6 +15,7 @@ the target and renamed into place only when complete.
 from __future__ import annotations
 
 import json
+import math
 import queue
 import threading
 import time
@@ -438,6 +439,8 @@ def merge_checkpoints(
     started = time.perf_counter()
     if method not in METHODS:
         raise TaskvecError(f"unknown method {method!r}: choose from {', '.join(METHODS)}")
+    if not math.isfinite(scale):
+        raise TaskvecError(f"scale must be a finite number, got {scale}")
     chosen = METHODS[method]
     finetuned = list(finetuned)
     chosen.check_count(len(finetuned))

@@ -115,6 +115,12 @@ def test_wrong_n(workdir, tmp_path):
         merge_checkpoints(fts[:1], tmp_path / "out", method="average", progress=False)
 
 
+@pytest.mark.parametrize("scale", [float("nan"), float("inf"), -float("inf")])
+def test_scale_must_be_finite(workdir, tmp_path, scale):
+    base, fts = workdir
+    expect_error(base, fts, tmp_path / "out", "scale must be a finite number", scale=scale)
+
+
 def test_same_checkpoint_twice(workdir, tmp_path):
     base, fts = workdir
     expect_error(base, [fts[0], fts[0]], tmp_path / "out", "given twice")

@@ -95,8 +95,8 @@ def _run(output: Path, splits: int, scale: float, settings: DemoSettings, seed: 
 
     if splits < 2:
         raise TaskvecError(f"--splits must be at least 2 (averaging needs several fine-tunes), got {splits}")
-    if not scale > 0:
-        raise TaskvecError(f"--scale must be positive, got {scale}")
+    if not 0 < scale < float("inf"):
+        raise TaskvecError(f"--scale must be a positive number, got {scale}")
     if splits > settings.toxic_docs:
         raise TaskvecError(f"--splits {splits} exceeds the {settings.toxic_docs} toxic documents")
     prepare_output(output, overwrite)

@@ -49,7 +49,11 @@ def perplexity(model, tokenizer, texts: Sequence[str], *, stride: int = 512, max
 
     from taskvec.eval.model import context_length
 
-    max_length = max_length or context_length(model)
+    if max_length is None:
+        max_length = context_length(model)
+    elif max_length > _known_context(model):
+        raise TaskvecError(f"perplexity window {max_length} exceeds the model's context of "
+                           f"{_known_context(model)} positions (--max-length)")
     if stride < 1:
         raise TaskvecError(f"stride {stride} must be at least 1")
     stride = min(stride, max_length)
@@ -75,3 +79,13 @@ def perplexity(model, tokenizer, texts: Sequence[str], *, stride: int = 512, max
             if end == len(ids):
                 break
     return math.exp(nll_sum / scored)
+
+
+def _known_context(model) -> float:
+    """The model's context length, or infinity where its config does not say."""
+    from taskvec.eval.model import context_length
+
+    try:
+        return context_length(model)
+    except TaskvecError:
+        return math.inf

@@ -72,3 +72,5 @@ def test_errors(tiny_loaded):
         perplexity(model, tokenizer, [""], progress=False)
     with pytest.raises(TaskvecError, match="stride 0"):
         perplexity(model, tokenizer, SENTENCES, stride=0, progress=False)
+    with pytest.raises(TaskvecError, match=r"perplexity window 65 exceeds the model's context of 64 positions"):
+        perplexity(model, tokenizer, SENTENCES, max_length=65, progress=False)
