@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, NamedTuple
 
 from taskvec.errors import TaskvecError, brief
+from taskvec.io.checkpoint import resolve_model_path
 
 if TYPE_CHECKING:  # torch is imported where a model is loaded: data preparation needs none of it
     import torch
@@ -50,12 +51,13 @@ def load_causal_lm(model_dir: str | Path, dtype: torch.dtype | str = "auto") -> 
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
-    where, path = str(model_dir), Path(model_dir)
+    where = str(model_dir)
+    path = resolve_model_path(model_dir)  # a hub id is fetched once, failing fast when offline
     if path.exists() and not (path / "config.json").is_file():
         raise TaskvecError(f"{where} is not a model directory (no config.json)")
     with quiet_transformers():
         try:
-            config = AutoConfig.from_pretrained(where)
+            config = AutoConfig.from_pretrained(path)
         except (OSError, ValueError) as err:
             if path.exists():
                 raise TaskvecError(f"{where} is not a model directory ({brief(err)})") from None
@@ -70,7 +72,7 @@ def load_causal_lm(model_dir: str | Path, dtype: torch.dtype | str = "auto") -> 
             raise TaskvecError(f"{where}: {kind} is not a causal language model (AutoModelForCausalLM)")
         stored_dtype = config.dtype if isinstance(config.dtype, torch.dtype) else torch.float32
         try:
-            model, info = AutoModelForCausalLM.from_pretrained(where, config=config, dtype=dtype,
+            model, info = AutoModelForCausalLM.from_pretrained(path, config=config, dtype=dtype,
                                                                output_loading_info=True)
         except (OSError, ValueError) as err:
             raise TaskvecError(f"{where}: cannot load its weights ({brief(err)})") from None
@@ -78,9 +80,12 @@ def load_causal_lm(model_dir: str | Path, dtype: torch.dtype | str = "auto") -> 
             names = ", ".join(sorted(info["missing_keys"])[:3])
             raise TaskvecError(f"{where} is not a causal language model: its weights lack {names}")
         try:
-            tokenizer = AutoTokenizer.from_pretrained(where)
+            tokenizer = AutoTokenizer.from_pretrained(path)
         except (OSError, ValueError, TypeError) as err:
             raise TaskvecError(f"{where}: cannot load its tokenizer ({brief(err)})") from None
+        if not tokenizer("Hello world", verbose=False)["input_ids"]:  # transformers makes an empty one
+            raise TaskvecError(f"{where}: no usable tokenizer (it encodes text to nothing); "
+                               "copy the base model's tokenizer files into it")
     model.loss_type = "ForCausalLM"  # what transformers falls back to anyway, minus its warning
     return CausalLM(model, tokenizer, stored_dtype)
 

@@ -47,3 +47,13 @@ def test_weights_missing_from_the_head_are_refused(tiny_lm, tmp_path):
     save_file(weights, path / "model.safetensors", metadata={"format": "pt"})
     with pytest.raises(TaskvecError, match=r"is not a causal language model: its weights lack lm_head.weight"):
         load_causal_lm(path)
+
+
+def test_a_directory_without_tokenizer_files_is_refused(tiny_lm, tmp_path):
+    """transformers builds an empty tokenizer there, which later reads as 'no tokens in the text'."""
+    path = tmp_path / "weights-only"
+    path.mkdir()
+    for name in ("config.json", "model.safetensors"):
+        (path / name).write_bytes((tiny_lm / name).read_bytes())
+    with pytest.raises(TaskvecError, match="no usable tokenizer"):
+        load_causal_lm(path)
