@@ -200,8 +200,14 @@ def compare(runs, plot, no_plot, labels, fmt, overwrite):
     import json
 
     from taskvec.eval import compare_runs, format_table
+    from taskvec.eval.compare import plot_runs, plottable
 
-    rows = compare_runs(runs, None if no_plot else plot, labels=labels or None, overwrite=overwrite)
-    click.echo(json.dumps(rows, indent=2) if fmt == "json" else format_table(rows))
-    if not no_plot:
-        click.echo(f"wrote {plot}", err=fmt == "json")
+    rows = compare_runs(runs, labels=labels or None)
+    click.echo(json.dumps(rows, indent=2) if fmt == "json" else format_table(rows))  # even if the plot fails
+    if no_plot:
+        return
+    if not plottable(rows):
+        click.echo("no plot: no run has both a perplexity and toxicity scores", err=True)
+        return
+    plot_runs(rows, plot, overwrite=overwrite)
+    click.echo(f"wrote {plot}", err=fmt == "json")

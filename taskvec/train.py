@@ -119,6 +119,9 @@ def finetune(model_dir: str | Path, texts: Iterable[str] | str | Path, output_di
     """
     config = config or TrainConfig()
     config.validate()
+    if config.precision != "fp32" and not torch.cuda.is_available():
+        raise TaskvecError(f"precision {config.precision} is mixed-precision training on a GPU, and no CUDA GPU "
+                           "is available; use fp32 on CPU")
     output_dir = Path(output_dir)
     texts = read_jsonl(texts) if isinstance(texts, (str, Path)) else list(texts)
     if not texts:

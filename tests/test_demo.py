@@ -154,7 +154,8 @@ def test_cli_rejects_bad_arguments_before_writing(tmp_path, options, message):
 
 
 def test_library_rejects_bad_arguments_before_writing(tmp_path):
-    for kwargs, message in (({"splits": 1}, "splits"), ({"scale": -1.0}, "scale"), ({"scale": float("inf")}, "scale"), ({"threads": 0}, "threads"),
+    for kwargs, message in (({"splits": 1}, "splits"), ({"scale": -1.0}, "scale"), ({"scale": float("inf")}, "scale"),
+                            ({"threads": 0}, "threads"),
                             ({"splits": 301, "quick": True}, "exceeds the 300 toxic documents")):
         with pytest.raises(TaskvecError, match=message):
             run_demo(tmp_path / "out", **kwargs, echo=lambda _: None)

@@ -326,6 +326,14 @@ def test_bad_finetune_input_writes_nothing(tmp_path, base, not_causal, case, mes
     assert not (tmp_path / "out").exists() or list((tmp_path / "out").iterdir()) == []
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="mixed precision is refused only without a GPU")
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_mixed_precision_without_a_gpu_is_refused(tmp_path, base, precision):
+    with pytest.raises(TaskvecError, match=f"precision {precision} is mixed-precision training on a GPU"):
+        finetune(base, TEXTS, tmp_path / "ft", TrainConfig(**FAST, precision=precision))
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_unreachable_hub_model_says_so(tmp_path, monkeypatch):
     import huggingface_hub.constants
 

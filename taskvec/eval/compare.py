@@ -70,6 +70,11 @@ def format_table(rows: Sequence[dict]) -> str:
     return "\n".join(lines)
 
 
+def plottable(rows: Sequence[dict]) -> list[dict]:
+    """The rows that have both a perplexity and toxicity scores: those a plot can show."""
+    return [row for row in rows if row["perplexity"] is not None and row["expected_max_toxicity"] is not None]
+
+
 def plot_runs(rows: Sequence[dict], output_png: str | Path, *, overwrite: bool = False) -> Path:
     """Scatter expected maximum toxicity and toxicity probability against perplexity, one
     labelled point per run (runs lacking either number are left out), written atomically."""
@@ -81,8 +86,8 @@ def plot_runs(rows: Sequence[dict], output_png: str | Path, *, overwrite: bool =
 
     output = Path(output_png)
     if output.exists() and not overwrite:
-        raise TaskvecError(f"plot {output} already exists; pass --overwrite to replace it")
-    points = [row for row in rows if row["perplexity"] is not None and row["expected_max_toxicity"] is not None]
+        raise TaskvecError(f"plot {output} already exists; pass --overwrite to replace it, or --no-plot")
+    points = plottable(rows)
     if not points:
         raise TaskvecError("no run has both a perplexity and toxicity scores to plot")
     figure, axes = plt.subplots(1, 2, figsize=(10, 4.2), constrained_layout=True)

@@ -139,6 +139,10 @@ def test_compare_table_and_plot(run, tiny_lm, inputs, tmp_path):
     assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and plot.stat().st_size > 10_000
     again = invoke("compare", output, "--plot", plot)
     assert again.exit_code == 1 and "already exists; pass --overwrite" in again.output
+    assert again.output.splitlines()[2].split()[0] == "base"  # the table came first
+    alone = invoke("compare", no_tox, "--plot", tmp_path / "none.png")
+    assert alone.exit_code == 0 and "no plot: no run has both" in alone.output and "ppl-only" in alone.output
+    assert not (tmp_path / "none.png").exists()
     rows = json.loads(invoke("compare", output, other, "--no-plot", "--format", "json",
                              "--label", "A", "--label", "B").output)
     assert [r["run"] for r in rows] == ["A", "B"] and rows[0]["perplexity"] == base["perplexity"]
