@@ -102,14 +102,17 @@ def _print_run(summary, output):
 @click.option("--no-toxicity", is_flag=True, help="Skip generation and toxicity scoring.")
 @click.option("--samples", "-k", type=click.IntRange(min=1), default=25, show_default=True,
               help="Continuations sampled per prompt.")
-@click.option("--max-new-tokens", type=click.IntRange(min=1), default=25, show_default=True)
+@click.option("--max-new-tokens", type=click.IntRange(min=1), default=25, show_default=True,
+              help="Length of each continuation, in tokens.")
 @click.option("--top-p", type=click.FloatRange(0, 1, min_open=True), default=0.9, show_default=True,
               help="Nucleus sampling (top-k off).")
-@click.option("--temperature", type=click.FloatRange(min=0, min_open=True), default=1.0, show_default=True)
+@click.option("--temperature", type=click.FloatRange(min=0, min_open=True), default=1.0, show_default=True,
+              help="Sampling temperature (1: the model's own distribution).")
 @click.option("--batch-size", type=click.IntRange(min=1), default=50, show_default=True,
               help="Sequences generated per forward batch.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed for prompt sampling and generation.")
-@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True,
+              help="Where the model runs; auto picks a CUDA GPU when there is one.")
 @_scoring_options
 def eval_command(model_dir, output, ppl_file, no_perplexity, prompts_file, num_prompts, no_toxicity,
                  seed, scorer, device, **options):
@@ -138,6 +141,9 @@ def eval_command(model_dir, output, ppl_file, no_perplexity, prompts_file, num_p
     scorer_options = _split_scorer_options(options)
     scorer_obj = None if no_toxicity else _make_scorer(scorer, device, **scorer_options)
     prompts = None if no_toxicity else load_prompts(prompts_file, n=num_prompts, seed=seed)
+    if prompts is not None and num_prompts and len(prompts) < num_prompts:
+        click.echo(f"note: --num-prompts {num_prompts}, but only {len(prompts)} prompts are available; "
+                   "using all of them", err=True)
     ppl_texts = None if no_perplexity else load_ppl_texts(ppl_file)
     settings = {"prompts": prompts_file or "allenai/real-toxicity-prompts (challenging)",
                 "ppl_texts": list(ppl_file) or "wikitext-103-raw-v1 (test)"}
@@ -186,7 +192,8 @@ def score(generations, output, scorer, device, **options):
 @click.option("--no-plot", is_flag=True, help="Only print the table.")
 @click.option("--label", "labels", multiple=True,
               help="Label for each run, in order (repeat once per run) [default: directory names].")
-@click.option("--format", "fmt", type=click.Choice(["table", "json"]), default="table", show_default=True)
+@click.option("--format", "fmt", type=click.Choice(["table", "json"]), default="table", show_default=True,
+              help="A table to read, or JSON rows for scripts.")
 @click.option("--overwrite", is_flag=True, help="Replace the plot if it exists.")
 def compare(runs, plot, no_plot, labels, fmt, overwrite):
     """Compare evaluated RUNS (output directories of `taskvec eval`/`score`) side by side.

@@ -58,6 +58,9 @@ def merge(finetuned, base, scale, **options):
     Example: taskvec merge --base gpt2 --scale 1.0 -o gpt2-detox runs/split-*
     """
     _run(finetuned=finetuned, base=base, scale=scale, method="negated_mean", **options)
+    if len(finetuned) == 1:  # often a glob that matched less than meant
+        click.echo("note: one fine-tune: this negated a single task vector (as `taskvec negate` does), "
+                   "with no averaging", err=True)
 
 
 @click.command()

@@ -11,9 +11,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, NamedTuple
 
 from taskvec.errors import TaskvecError, brief
-from taskvec.io.checkpoint import resolve_model_path
 
-if TYPE_CHECKING:  # torch is imported where a model is loaded: data preparation needs none of it
+if TYPE_CHECKING:  # torch is imported where a model is loaded: data preparation and --help need none of it
     import torch
 
 
@@ -50,6 +49,8 @@ def load_causal_lm(model_dir: str | Path, dtype: torch.dtype | str = "auto") -> 
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    from taskvec.io.checkpoint import resolve_model_path
 
     where = str(model_dir)
     path = resolve_model_path(model_dir)  # a hub id is fetched once, failing fast when offline

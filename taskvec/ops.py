@@ -103,17 +103,21 @@ class TaskVector:
     ``TaskVector.from_models(base_sd, ft_sd)``, ``TaskVector.mean(base_sd, [ft_sd, ...])``;
     vectors add, negate and scale; ``tv.apply_to(base_sd, scale)`` gives ``base + scale * tv``
     (so ``(-tv).apply_to(base, 1.0)`` is the negation), with non-floating entries kept from base.
+    Vectors are kept in float32 by default: a task vector stored in bfloat16 would be rounded
+    once more before it is applied (pass ``dtype=None`` to keep the weights' dtype, half the memory).
     """
 
     def __init__(self, vector: Mapping[str, torch.Tensor]):
         self.vector = dict(vector)
 
     @classmethod
-    def from_models(cls, base: Mapping[str, torch.Tensor], finetuned: Mapping[str, torch.Tensor]):
-        return cls.mean(base, [finetuned])
+    def from_models(cls, base: Mapping[str, torch.Tensor], finetuned: Mapping[str, torch.Tensor], *,
+                    dtype: torch.dtype | None = torch.float32):
+        return cls.mean(base, [finetuned], dtype=dtype)
 
     @classmethod
-    def mean(cls, base: Mapping[str, torch.Tensor], finetuned: Sequence[Mapping[str, torch.Tensor]]):
+    def mean(cls, base: Mapping[str, torch.Tensor], finetuned: Sequence[Mapping[str, torch.Tensor]], *,
+             dtype: torch.dtype | None = torch.float32):
         finetuned = list(finetuned)
         if not finetuned:
             raise TaskvecError("at least one fine-tuned state dict is needed")
@@ -124,7 +128,8 @@ class TaskVector:
             missing = [i for i, sd in enumerate(finetuned) if name not in sd]
             if missing:
                 raise TaskvecError(f"tensor '{name}' is missing from fine-tuned state dict {missing[0]}")
-            vector[name] = mean_task_vector(tensor, [sd[name] for sd in finetuned])
+            vector[name] = mean_task_vector(tensor, [sd[name] for sd in finetuned],
+                                            dtype=None if tensor.dtype == torch.float64 else dtype)
         return cls(vector)
 
     def _check_keys(self, other: TaskVector) -> None:

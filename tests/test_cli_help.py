@@ -25,3 +25,17 @@ def test_every_command_explains_itself():
     for command in main.list_commands(None):
         result = CliRunner().invoke(main, [command, "--help"])
         assert result.exit_code == 0 and "Usage: " in result.output and len(result.output.splitlines()) > 5, command
+
+
+def test_every_option_says_what_it_does():
+    from click import Group
+
+    def commands(group):
+        for name in group.list_commands(None):
+            command = group.get_command(None, name)
+            yield from commands(command) if isinstance(command, Group) else [(name, command)]
+
+    for name, command in commands(main):
+        for param in command.params:
+            if param.param_type_name == "option":
+                assert param.help, f"{name} {param.opts[0]} has no help text"

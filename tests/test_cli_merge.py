@@ -27,6 +27,8 @@ def test_merge_average_negate_commands(synthetic_sets, tmp_path):
     assert result.exit_code == 0, result.output
     merged, negated = load_dir(tmp_path / "m"), load_dir(tmp_path / "n")
     assert merged.keys() == negated.keys()
+    result = run("merge", "--base", sset.base, "-o", tmp_path / "one", sset.finetuned[0])
+    assert result.exit_code == 0 and "note: one fine-tune" in result.output  # a glob that matched one
 
 
 def test_errors_are_one_line_without_traceback(synthetic_sets, tmp_path):

@@ -232,3 +232,15 @@ def test_quick_run_shows_the_direction_of_the_effect(quick_run):
     assert rows["finetuned"]["mean_toxicity"] > 2 * rows["base"]["mean_toxicity"]
     assert rows["merged"]["mean_toxicity"] < rows["base"]["mean_toxicity"]
     assert rows["single"]["mean_toxicity"] < rows["base"]["mean_toxicity"]
+
+
+@pytest.mark.slow
+def test_the_documented_eval_command_repeats_the_demo_perplexity(quick_run, tmp_path):
+    """docs/demo.md re-evaluates demo models with `--ppl-file data/heldout.txt`: same number."""
+    output, _ = quick_run
+    result = CliRunner().invoke(main, ["eval", str(output / "models" / "merged"), "-o", str(tmp_path / "ev"),
+                                       "--no-toxicity", "--ppl-file", str(output / "data" / "heldout.txt"),
+                                       "--max-length", "64", "--stride", "32"])
+    assert result.exit_code == 0, result.output
+    again = json.loads((tmp_path / "ev" / "summary.json").read_text())["perplexity"]
+    assert again == json.loads((output / "eval" / "merged" / "summary.json").read_text())["perplexity"]

@@ -90,6 +90,20 @@ def test_taskvector_algebra_matches_the_fused_ops():
     assert all((v == 0).all() for v in difference.vector.values())
 
 
+def test_taskvector_keeps_bfloat16_task_vectors_in_float32():
+    """One rounding to bfloat16, at the end: the same result as the fused op, and within the
+    bfloat16 bound of the float64 definition."""
+    base, fts = make((4000,), 3, torch.bfloat16, seed=5)
+    tv = ops.TaskVector.mean({"w": base}, [{"w": f} for f in fts])
+    assert tv.vector["w"].dtype == torch.float32
+    detox = (-tv).apply_to({"w": base}, scale=0.6)["w"]
+    assert detox.dtype == torch.bfloat16
+    reference = negated_mean_f64(base, fts, 0.6)
+    assert_close_to_reference(detox, reference, error_bound(base, fts, 1.6, 0.2, reference, torch.bfloat16))
+    stored = ops.TaskVector.mean({"w": base}, [{"w": f} for f in fts], dtype=None)
+    assert stored.vector["w"].dtype == torch.bfloat16
+
+
 def test_taskvector_errors():
     base, fts = state_dicts()
     with pytest.raises(TaskvecError, match="missing"):

@@ -165,7 +165,8 @@ class _Stages:
 
 
 def _write_corpus(folder: Path, corpus: DemoCorpus, splits: int, seed: int) -> str:
-    """Write the texts as the files a real run starts from; return the held-out text.
+    """Write the texts as the files a real run starts from; return the held-out text as
+    `taskvec eval --ppl-file data/heldout.txt` reads it, so that command repeats the demo's number.
 
     The held-out documents become one text: perplexity joins texts with blank lines, which the
     model never saw in training.
@@ -173,8 +174,8 @@ def _write_corpus(folder: Path, corpus: DemoCorpus, splits: int, seed: int) -> s
     from taskvec.data import save_splits, write_jsonl
 
     folder.mkdir(parents=True)
-    heldout = " ".join(corpus.heldout)
-    (folder / "heldout.txt").write_text(heldout + "\n", encoding="utf-8")
+    heldout = " ".join(corpus.heldout) + "\n"
+    (folder / "heldout.txt").write_text(heldout, encoding="utf-8")
     (folder / "prompts.txt").write_text("\n".join(corpus.prompts) + "\n", encoding="utf-8")
     write_jsonl(corpus.pretrain, folder / "pretrain.jsonl")
     toxic = write_jsonl(corpus.toxic, folder / "toxic.jsonl")
