@@ -35,6 +35,10 @@ def _run(**kwargs):
         f"wrote {result.output} ({len(result.files)} shard{'s' * (len(result.files) > 1)}, "
         f"{gigabytes:.3f} GB) in {result.seconds:.2f} s"
     )
+    if not (result.output / "config.json").exists():
+        click.echo(f"note: no config.json beside the {'first input' if kwargs.get('base') is None else 'base'}, "
+                   f"so {result.output} holds weights only; add a config to load it with from_pretrained",
+                   err=True)
 
 
 @click.command()

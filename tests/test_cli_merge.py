@@ -80,3 +80,17 @@ def test_sigterm_removes_the_partial_output(synthetic_sets, tmp_path):
     process.send_signal(signal.SIGTERM)
     assert process.wait(timeout=60) == 128 + signal.SIGTERM
     assert list(tmp_path.iterdir()) == []
+
+
+def test_weights_without_a_config_are_merged_with_a_note(synthetic_sets, tmp_path):
+    import shutil
+
+    sset = synthetic_sets("float32")
+    bare = []
+    for model in (sset.base, *sset.finetuned[:2]):
+        (tmp_path / model.name).mkdir()
+        bare.append(shutil.copy(model / "model.safetensors", tmp_path / model.name))
+    result = run("merge", "--base", bare[0], "-o", tmp_path / "out", *bare[1:])
+    assert result.exit_code == 0, result.output
+    assert "note: no config.json beside the base" in result.output
+    assert [p.name for p in (tmp_path / "out").iterdir()] and not (tmp_path / "out" / "config.json").exists()
