@@ -47,6 +47,9 @@ class LazyGroup(click.Group):
                 return super().invoke(ctx)
             except TaskvecError as err:
                 raise click.ClickException(str(err)) from None
+            except OSError as err:  # disk full, permissions, a read-only file system: one line too
+                where = f"{err.filename}: " if err.filename else ""
+                raise click.ClickException(f"{where}{err.strerror or err}") from None
 
 
 @contextmanager

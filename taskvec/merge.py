@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import math
 import queue
+import shutil
 import threading
 import time
 from abc import ABC, abstractmethod
@@ -179,7 +180,8 @@ def plan_merge(
             raise TaskvecError(f"{entries[0].path}: tensor '{name}' has dtype {code}, not supported")
         outputs.append(OutputSpec(name, out_code, entries[0].shape))
         _add_segments(jobs, kind, DTYPES[code], DTYPES[out_code], name, tuple(entries), chunk_elems)
-    return MergePlan(inputs, outputs, jobs, base_coef, sum_coef, chunk_elems)
+    largest = max((job.numel for job in jobs), default=1)  # workspaces: no bigger than the biggest job
+    return MergePlan(inputs, outputs, jobs, base_coef, sum_coef, min(chunk_elems, largest))
 
 
 def _match(reference: Checkpoint, checkpoint: Checkpoint, sources: dict[str, list]) -> None:
@@ -318,8 +320,14 @@ class _Slot:
 
     def wait(self) -> None:
         if self.pending is not None:
-            self.pending.result()
-            self.pending = None
+            pending, self.pending = self.pending, None
+            pending.result()
+
+    def cancel(self) -> None:
+        """Let an unwaited write finish, without raising: another error is already on its way."""
+        if self.pending is not None:
+            pending, self.pending = self.pending, None
+            pending.exception()
 
 
 class CpuExecutor:
@@ -337,19 +345,23 @@ class CpuExecutor:
         slots = [_Slot(plan.chunk_elems, plan.buffer_bytes), _Slot(plan.chunk_elems, plan.buffer_bytes)]
         threads = torch.get_num_threads()
         torch.set_num_threads(max(1, threads - 1))  # a core for the reader and writer threads
-        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="taskvec-write") as pool:
-            try:
-                for number, job in enumerate(plan.jobs):
-                    slot = slots[number % 2]
-                    slot.wait()
-                    result = self._compute(plan, job, chunks, slot, scratch)
-                    slot.pending = pool.submit(writer.write_job, job, result)
-                    progress.update(job.nbytes_in * (plan.n_inputs if job.kind == "combine" else 1))
-            finally:
-                chunks.close()
-                for slot in slots:
-                    slot.wait()
-                torch.set_num_threads(threads)
+        try:
+            with ThreadPoolExecutor(max_workers=1, thread_name_prefix="taskvec-write") as pool:
+                try:
+                    for number, job in enumerate(plan.jobs):
+                        slot = slots[number % 2]
+                        slot.wait()
+                        result = self._compute(plan, job, chunks, slot, scratch)
+                        slot.pending = pool.submit(writer.write_job, job, result)
+                        progress.update(job.nbytes_in * (plan.n_inputs if job.kind == "combine" else 1))
+                    for slot in slots:
+                        slot.wait()
+                finally:
+                    chunks.close()
+                    for slot in slots:  # no write may still use a buffer; the first error wins
+                        slot.cancel()
+        finally:
+            torch.set_num_threads(threads)
 
     @staticmethod
     def _compute(plan, job, chunks: Prefetcher, slot: _Slot, scratch: torch.Tensor) -> torch.Tensor:
@@ -449,8 +461,11 @@ def merge_checkpoints(
     output = check_output(output, paths, overwrite)
     out_dtype = _parse_dtype(dtype)
     checkpoints = [open_checkpoint(p) for p in paths]
+    _check_files_outside(checkpoints, output)
     base_coef, sum_coef = chosen.coefficients(len(finetuned), scale)
     plan = plan_merge(checkpoints, base_coef, sum_coef, out_dtype, parse_size(chunk_size))
+    written = sum(spec.nbytes for spec in plan.outputs)
+    _check_free_space(output, written)
     executor = make_executor(device)
     provenance = {
         "taskvec_version": __version__,
@@ -476,11 +491,37 @@ def merge_checkpoints(
             bar.close()
             reader.close()
             shards.close()
-        config_updates = {"dtype": str(out_dtype).removeprefix("torch.")} if out_dtype else None
-        copy_side_files(checkpoints[0], staging, config_updates)
+        copy_side_files(checkpoints[0], staging, _config_updates(checkpoints[0].config, out_dtype))
         (staging / PROVENANCE_FILE).write_text(json.dumps(provenance, indent=2) + "\n")
-    written = sum(spec.nbytes for spec in plan.outputs)
     return MergeResult(output, shards.files, plan.bytes_read, written, time.perf_counter() - started)
+
+
+def _config_updates(config: dict, out_dtype: torch.dtype | None) -> dict | None:
+    """The output dtype under both names transformers has read (`torch_dtype` before 4.56)."""
+    if out_dtype is None:
+        return None
+    name = str(out_dtype).removeprefix("torch.")
+    return {"dtype": name, **({"torch_dtype": name} if "torch_dtype" in config else {})}
+
+
+def _check_files_outside(checkpoints: list[Checkpoint], output: Path) -> None:
+    """No input file may live in the output, also through a symlink (the HF cache links
+    snapshots to blobs): replacing the output would destroy it."""
+    target = output.resolve()
+    for checkpoint in checkpoints:
+        for file in checkpoint.files():
+            if target in file.resolve().parents:
+                raise TaskvecError(f"input file {file} is stored inside output {output} "
+                                   f"(as {file.resolve()}); choose another directory")
+
+
+def _check_free_space(output: Path, nbytes: int) -> None:
+    """Refuse before reading anything when the output's file system cannot hold the result."""
+    parent = next((p for p in (output, *output.parents) if p.exists()), Path("."))
+    free = shutil.disk_usage(parent).free
+    if free < nbytes:
+        raise TaskvecError(f"output {output}: the merge writes {nbytes / 1e9:.2f} GB, but only "
+                           f"{free / 1e9:.2f} GB is free there")
 
 
 def _check_distinct(paths: list[Path]) -> None:

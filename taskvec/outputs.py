@@ -18,9 +18,12 @@ from taskvec.errors import TaskvecError
 
 def check_output(output: str | Path, inputs: Sequence[str | Path], overwrite: bool) -> Path:
     """Refuse an output that is an input, contains one (replacing it would delete the input),
-    lies inside an input directory, or exists (unless `overwrite`). Returns it as a Path."""
+    lies inside an input directory, holds the current directory, or exists (unless
+    `overwrite`). Returns it as a Path."""
     output = Path(output)
     target = output.resolve()
+    if target == Path.cwd().resolve() or target in Path.cwd().resolve().parents:
+        raise TaskvecError(f"output {output} holds the current directory; choose another directory")
     for path in inputs:
         source = Path(path).resolve()
         if target == source or target in source.parents:

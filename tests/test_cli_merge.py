@@ -94,3 +94,21 @@ def test_weights_without_a_config_are_merged_with_a_note(synthetic_sets, tmp_pat
     assert result.exit_code == 0, result.output
     assert "note: no config.json beside the base" in result.output
     assert [p.name for p in (tmp_path / "out").iterdir()] and not (tmp_path / "out" / "config.json").exists()
+
+
+def test_os_errors_are_one_line(synthetic_sets, tmp_path, monkeypatch):
+    """Disk full, permissions, a read-only file system: the OS's reason and the path, no traceback."""
+    import errno
+
+    from taskvec.io.shards import ShardWriter
+
+    def full(self, name, start, data):
+        raise OSError(errno.ENOSPC, "No space left on device", str(self.directory / "model.safetensors"))
+
+    monkeypatch.setattr(ShardWriter, "write", full)
+    sset = synthetic_sets("float32")
+    result = run("merge", "--base", sset.base, "-o", tmp_path / "out", *sset.finetuned[:2])
+    assert result.exit_code == 1 and result.output.count("\n") == 1, result.output
+    assert result.output.startswith("Error: ") and result.output.strip().endswith(
+        "model.safetensors: No space left on device")
+    assert list(tmp_path.iterdir()) == []

@@ -119,3 +119,18 @@ def test_overwrite_replaces_existing_output(synthetic_sets, tmp_path):
     assert not (out / "stale.txt").exists() and (out / "model.safetensors").is_file()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # no staging or retired dirs left
     assert out.stat().st_mode & 0o755 == 0o755  # readable by others, like a directory mkdir makes
+
+
+def test_output_dtype_is_written_under_both_config_names(synthetic_sets, tmp_path):
+    """transformers before 4.56 reads `torch_dtype`, later ones `dtype`: a base that has the old
+    name gets both updated, so no version loads the bfloat16 output as float32."""
+    import shutil
+
+    sset = synthetic_sets("float32")
+    base = shutil.copytree(sset.base, tmp_path / "base")
+    config = json.loads((base / "config.json").read_text())
+    config["torch_dtype"] = "float32"
+    (base / "config.json").write_text(json.dumps(config))
+    merge_checkpoints(sset.finetuned[:2], tmp_path / "out", base=base, dtype="bfloat16", progress=False)
+    written = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert written["dtype"] == written["torch_dtype"] == "bfloat16"

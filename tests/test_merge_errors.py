@@ -216,3 +216,73 @@ def test_hub_ids_resolve_to_their_snapshot(workdir, tmp_path, monkeypatch):
     merge_checkpoints(fts, tmp_path / "out", base="openai-community/gpt2", progress=False)
     assert fetched[0][0] == "openai-community/gpt2" and "*.safetensors" in fetched[0][1]
     assert (tmp_path / "out" / "model.safetensors").is_file()
+
+
+def test_a_failing_write_stops_cleanly_and_restores_torch_threads(workdir, tmp_path, monkeypatch):
+    """An OSError in the writer thread (disk full) surfaces as itself, nothing is left behind,
+    and the torch thread count the merge lowered for its I/O threads is restored."""
+    import errno
+
+    from taskvec.io.shards import ShardWriter
+
+    base, fts = workdir
+    write, calls = ShardWriter.write, []
+
+    def fail_third(self, name, start, data):
+        calls.append(name)
+        if len(calls) == 3:
+            raise OSError(errno.ENOSPC, "No space left on device", str(self.directory))
+        write(self, name, start, data)
+
+    monkeypatch.setattr(ShardWriter, "write", fail_third)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        with pytest.raises(OSError, match="No space left"):
+            merge_checkpoints(fts, tmp_path / "out", base=base, chunk_size=4096, progress=False)
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(threads)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["base", "ft0", "ft1"]  # the inputs, nothing else
+
+
+def test_not_enough_free_space_is_refused_before_reading(workdir, tmp_path, monkeypatch):
+    import shutil
+
+    base, fts = workdir
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(10**9, 10**9 - 1000, 1000))
+    expect_error(base, fts, tmp_path / "out", r"the merge writes 0\.\d+ GB, but only 0\.00 GB is free there")
+
+
+def test_input_files_linked_from_inside_the_output_are_protected(workdir, tmp_path):
+    """The HF cache layout: snapshot files are symlinks into blobs/. Writing the output over
+    blobs/ must be refused, even with --overwrite."""
+    base, fts = workdir
+    cache = tmp_path / "cache"
+    (cache / "blobs").mkdir(parents=True)
+    (cache / "snapshot").mkdir()
+    for file in base.iterdir():
+        blob = cache / "blobs" / file.name
+        blob.write_bytes(file.read_bytes())
+        (cache / "snapshot" / file.name).symlink_to(blob)
+    with pytest.raises(TaskvecError, match="is stored inside output"):
+        merge_checkpoints(fts, cache / "blobs", base=cache / "snapshot", overwrite=True, progress=False)
+    assert all(p.resolve().exists() for p in (cache / "snapshot").iterdir())
+
+
+def test_a_huge_chunk_size_allocates_only_what_the_model_needs(workdir, tmp_path):
+    base, fts = workdir
+    merge_checkpoints(fts, tmp_path / "out", base=base, chunk_size="200GB", progress=False)
+    assert (tmp_path / "out" / "model.safetensors").is_file()
+
+
+@pytest.mark.parametrize("shard", [None, "../elsewhere.safetensors", 3])
+def test_index_naming_a_shard_that_is_not_a_file_name(synthetic_sets, tmp_path, shard):
+    sset = synthetic_sets("float32", sharded=True)
+    base = shutil.copytree(sset.base, tmp_path / "base")
+    index = base / "model.safetensors.index.json"
+    content = json.loads(index.read_text())
+    first = next(iter(content["weight_map"]))
+    content["weight_map"][first] = shard
+    index.write_text(json.dumps(content))
+    expect_error(base, sset.finetuned[:2], tmp_path / "out", "not a file name in its directory")

@@ -20,6 +20,16 @@ def test_output_rules_for_file_and_directory_inputs(tmp_path):
         check_output(data, [], overwrite=True)
 
 
+def test_the_current_directory_and_its_parents_are_never_outputs(tmp_path, monkeypatch):
+    work = tmp_path / "work"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    for output in (".", "..", work):
+        with pytest.raises(TaskvecError, match="holds the current directory"):
+            check_output(output, [], overwrite=True)
+    assert check_output("sub", [], overwrite=False).name == "sub"
+
+
 def test_staged_directory_publishes_only_on_success(tmp_path):
     out = tmp_path / "out"
     with pytest.raises(RuntimeError), staged_directory(out, overwrite=False) as staging:

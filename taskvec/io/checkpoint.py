@@ -65,6 +65,10 @@ class Checkpoint:
     def input_embedding(self) -> str | None:
         return next((n for n in INPUT_EMBEDDINGS if n in self.tensors), None)
 
+    def files(self) -> list[Path]:
+        """Every file a merge reads from this checkpoint: weight files and side files."""
+        return sorted({entry.path for entry in self.tensors.values()} | set(self.side_files()))
+
     def side_files(self) -> list[Path]:
         return sorted(
             p for p in self.path.iterdir()
@@ -121,6 +125,8 @@ def _read_sharded(index: Path) -> dict[str, TensorEntry]:
         raise TaskvecError(f"{index}: not a valid safetensors index (no weight_map)") from None
     headers = {}
     for shard in dict.fromkeys(weight_map.values()):
+        if not isinstance(shard, str) or Path(shard).name != shard:
+            raise TaskvecError(f"{index}: names shard {shard!r}, not a file name in its directory (corrupt index)")
         shard_path = index.parent / shard
         if not shard_path.is_file():
             raise TaskvecError(f"{index}: names shard '{shard}', which is missing")

@@ -79,3 +79,19 @@ def test_unknown_dtype_in_header(tmp_path):
     (tmp_path / "model.safetensors").write_bytes(struct.pack("<Q", len(header)) + header + bytes(4))
     with pytest.raises(TaskvecError, match="tensor 'w': unknown dtype 'Q7'"):
         open_checkpoint(tmp_path)
+
+
+def test_reader_keeps_a_bounded_number_of_files_open(tmp_path):
+    """Merges of many shards must not exhaust file descriptors: least recently used fds close."""
+    files = []
+    for i in range(5):
+        save_file({"x": torch.full((64,), float(i))}, tmp_path / f"{i}.safetensors")
+        files.append(read_header(tmp_path / f"{i}.safetensors").tensors["x"])
+    reader = FileReader(max_open=2)
+    buffer = bytearray(256)
+    for round_ in range(3):
+        for i, entry in enumerate(files):
+            reader.read_into(entry.path, entry.offset, memoryview(buffer))
+            assert torch.equal(torch.frombuffer(buffer, dtype=torch.float32), torch.full((64,), float(i))), (round_, i)
+            assert len(reader._fds) <= 2
+    reader.close()
