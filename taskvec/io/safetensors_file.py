@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import stat
 import struct
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -19,6 +20,7 @@ from pathlib import Path
 import torch
 
 from taskvec.errors import TaskvecError
+from taskvec.jsonfile import parse_json
 
 # safetensors dtype code -> torch dtype
 DTYPES: dict[str, torch.dtype] = {
@@ -39,7 +41,9 @@ DTYPES: dict[str, torch.dtype] = {
     "BOOL": torch.bool,
 }
 CODES: dict[torch.dtype, str] = {dtype: code for code, dtype in DTYPES.items()}
-MAX_HEADER_BYTES = 100 * 1024 * 1024  # the limit safetensors itself enforces
+MAX_HEADER_BYTES = 100_000_000  # the limit safetensors itself enforces
+U64 = 2**64  # safetensors reads shapes and offsets as 64-bit unsigned integers
+ENTRY_KEYS = {"dtype", "shape", "data_offsets"}
 
 
 def itemsize(code: str) -> int:
@@ -70,11 +74,15 @@ class SafetensorsHeader:
 
 
 def read_header(path: Path) -> SafetensorsHeader:
-    """Parse and validate a safetensors header; reads only the header bytes."""
+    """Parse and validate a safetensors header; reads only the header bytes.
+
+    At least as strict as the safetensors library: a file it refuses is refused here too, so no
+    damaged header is read with its tensors shifted (a silently corrupt merge).
+    """
     path = Path(path)
     try:
-        size = path.stat().st_size
-        with open(path, "rb") as handle:
+        with os.fdopen(open_regular(path), "rb") as handle:
+            size = os.fstat(handle.fileno()).st_size
             prefix = handle.read(8)
             if len(prefix) < 8:
                 raise TaskvecError(f"{path}: truncated safetensors file ({size} bytes, no header)")
@@ -87,15 +95,16 @@ def read_header(path: Path) -> SafetensorsHeader:
             raw = handle.read(header_len)
     except OSError as err:
         raise TaskvecError(f"{path}: cannot read ({err.strerror or err})") from None
-    try:
-        header = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise TaskvecError(f"{path}: corrupt safetensors header (not valid JSON: {err})") from None
-    if not isinstance(header, dict):
-        raise TaskvecError(f"{path}: corrupt safetensors header (not a JSON object)")
-    metadata = header.pop("__metadata__", None) or {}
-    if not isinstance(metadata, dict):
-        raise TaskvecError(f"{path}: corrupt safetensors header (__metadata__ is not an object)")
+    header = parse_json(raw, path, expect=dict)
+    _check_unique_keys(path, raw)
+    metadata = header.pop("__metadata__", None)
+    metadata = {} if metadata is None else metadata
+    if not isinstance(metadata, dict) or not all(
+        isinstance(v, str) and _is_text(v) for v in metadata.values()
+    ):
+        raise TaskvecError(f"{path}: corrupt safetensors header (__metadata__ must map names to strings)")
+    if not header:
+        raise TaskvecError(f"{path}: holds no tensors")
     data_start = 8 + header_len
     tensors = {
         name: _parse_entry(path, name, info, data_start) for name, info in header.items()
@@ -104,24 +113,67 @@ def read_header(path: Path) -> SafetensorsHeader:
     return SafetensorsHeader(path=path, tensors=tensors, metadata=metadata)
 
 
+def open_regular(path: Path) -> int:
+    """A read-only fd of `path`, refused unless it is a regular file: open() or read() of a
+    FIFO or device named like a weight file would block forever."""
+    if not stat.S_ISREG(os.stat(path).st_mode):
+        raise TaskvecError(f"{path}: not a regular file")
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)  # and a FIFO swapped in since does not block
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise TaskvecError(f"{path}: not a regular file")
+    return fd
+
+
+def _check_unique_keys(path: Path, raw: bytes) -> None:
+    """Python keeps the last of two equal keys where safetensors refuses them (a `dtype` given
+    twice, two `__metadata__`); parse_json has already refused anything else a decode can."""
+
+    def unique(pairs):
+        keys = [key for key, _ in pairs]
+        if len(set(keys)) != len(keys):
+            twice = next(key for key in keys if keys.count(key) > 1)
+            raise TaskvecError(f"{path}: corrupt safetensors header (key {twice!r} appears twice)")
+        if not all(_is_text(key) for key in keys):
+            raise TaskvecError(f"{path}: corrupt safetensors header (a name is not valid Unicode)")
+        return None
+
+    json.loads(raw.decode("utf-8"), object_pairs_hook=unique)
+
+
+def _is_text(text: str) -> bool:
+    """False for strings with lone surrogates (JSON `\\ud800`), which are no valid UTF-8."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _is_u64(value: object) -> bool:
+    """A JSON integer safetensors reads as a size (bool is an int in Python; `true` is not)."""
+    return type(value) is int and 0 <= value < U64
+
+
 def _parse_entry(path: Path, name: str, info: object, data_start: int) -> TensorEntry:
-    where = f"{path}: tensor '{name}'"
-    if not isinstance(info, dict):
-        raise TaskvecError(f"{where}: corrupt header entry")
-    code, shape, offsets = info.get("dtype"), info.get("shape"), info.get("data_offsets")
-    if code not in DTYPES:
+    where = f"{path}: tensor {name!r}"  # repr: a name may hold a newline
+    if not isinstance(info, dict) or info.keys() != ENTRY_KEYS:
+        raise TaskvecError(f"{where}: corrupt header entry (needs exactly dtype, shape, data_offsets)")
+    code, shape, offsets = info["dtype"], info["shape"], info["data_offsets"]
+    if not isinstance(code, str) or code not in DTYPES:
         raise TaskvecError(f"{where}: unknown dtype {code!r}")
-    if not isinstance(shape, list) or not all(isinstance(d, int) and d >= 0 for d in shape):
+    if not isinstance(shape, list) or not all(_is_u64(d) for d in shape):
         raise TaskvecError(f"{where}: corrupt shape {shape!r}")
-    if (
-        not isinstance(offsets, list)
-        or len(offsets) != 2
-        or not all(isinstance(o, int) for o in offsets)
-        or not 0 <= offsets[0] <= offsets[1]
-    ):
+    if not isinstance(offsets, list) or len(offsets) != 2 or not all(_is_u64(o) for o in offsets) \
+            or offsets[0] > offsets[1]:
         raise TaskvecError(f"{where}: corrupt data_offsets {offsets!r}")
+    numel = 1
+    for dim in shape:  # in order, as safetensors checks it: [2**32, 2**32, 0] overflows
+        numel *= dim
+        if numel >= U64:
+            raise TaskvecError(f"{where}: shape {shape} is too large (corrupt header)")
     nbytes = offsets[1] - offsets[0]
-    expected = math.prod(shape) * itemsize(code)
+    expected = numel * itemsize(code)
     if nbytes != expected:
         raise TaskvecError(
             f"{where}: holds {nbytes} bytes but {code}{shape} needs {expected} (corrupt header)"
@@ -130,17 +182,23 @@ def _parse_entry(path: Path, name: str, info: object, data_start: int) -> Tensor
 
 
 def _check_layout(path: Path, entries, data_start: int, size: int) -> None:
-    """Byte ranges must tile the data section without holes or overlaps, inside the file."""
+    """Byte ranges must tile the data section to the end of the file, without holes or overlaps:
+    a header length a few bytes off still parses (inside the padding) and shifts every tensor."""
     end = data_start
     for entry in sorted(entries, key=lambda e: (e.offset, e.nbytes)):
         if entry.offset != end:
             kind = "overlaps the previous tensor" if entry.offset < end else "leaves a gap"
-            raise TaskvecError(f"{path}: tensor '{entry.name}' {kind} (corrupt header)")
+            raise TaskvecError(f"{path}: tensor {entry.name!r} {kind} (corrupt header)")
         end = entry.offset + entry.nbytes
         if end > size:
             raise TaskvecError(
-                f"{path}: truncated: tensor '{entry.name}' ends at byte {end}, file has {size}"
+                f"{path}: truncated: tensor {entry.name!r} ends at byte {end}, file has {size}"
             )
+    if end != size:
+        raise TaskvecError(
+            f"{path}: corrupt header: the tensors end at byte {end}, but the file has {size} bytes "
+            "(file not fully covered)"
+        )
 
 
 class FileReader:
@@ -159,7 +217,7 @@ class FileReader:
         if fd is None:
             if len(self._fds) >= self.max_open:
                 os.close(self._fds.popitem(last=False)[1])
-            fd = self._fds[path] = os.open(path, os.O_RDONLY)
+            fd = self._fds[path] = open_regular(path)
         else:
             self._fds.move_to_end(path)
         done, total = 0, len(buffer)
