@@ -113,12 +113,21 @@ def read_header(path: Path) -> SafetensorsHeader:
     return SafetensorsHeader(path=path, tensors=tensors, metadata=metadata)
 
 
-def open_regular(path: Path) -> int:
-    """A read-only fd of `path`, refused unless it is a regular file: open() or read() of a
-    FIFO or device named like a weight file would block forever."""
-    if not stat.S_ISREG(os.stat(path).st_mode):
+def check_regular_file(path: Path) -> None:
+    """Refuse anything but a regular file before it is opened: open() or read() of a FIFO or a
+    device named like a weight file would block forever."""
+    try:
+        mode = os.stat(path).st_mode
+    except OSError as err:
+        raise TaskvecError(f"{path}: cannot read ({err.strerror or err})") from None
+    if not stat.S_ISREG(mode):
         raise TaskvecError(f"{path}: not a regular file")
-    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)  # and a FIFO swapped in since does not block
+
+
+def open_regular(path: Path) -> int:
+    """A read-only fd of the regular file `path`."""
+    check_regular_file(path)
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)  # a FIFO swapped in since does not block
     if not stat.S_ISREG(os.fstat(fd).st_mode):
         os.close(fd)
         raise TaskvecError(f"{path}: not a regular file")
