@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import re
+from decimal import Decimal
 from pathlib import Path
 
 from taskvec.errors import TaskvecError
@@ -17,6 +18,7 @@ from taskvec.io.safetensors_file import OutputSpec, encode_header
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
+MAX_SIZE = 2**50  # 1PiB: larger sizes are typos, and would overflow float or int64 arithmetic
 _UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
           "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
 
@@ -24,14 +26,23 @@ _UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
 def parse_size(text: str | int) -> int:
     """'50GB' -> 50 * 10**9, '512MiB' -> 512 * 2**20, as transformers reads max_shard_size."""
     if isinstance(text, int):
-        return text
-    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([A-Za-z]*)\s*", str(text))
-    if not match or match.group(2).upper() not in _UNITS:
-        raise TaskvecError(f"cannot read size {text!r}: use a number with B, KB, MB, GB, MiB or GiB")
-    size = int(float(match.group(1)) * _UNITS[match.group(2).upper()])
-    if size <= 0:
-        raise TaskvecError(f"size {text!r} must be positive")
-    return size
+        value = Decimal(text)
+    else:
+        match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([A-Za-z]*)\s*", str(text))
+        if not match or match.group(2).upper() not in _UNITS:
+            raise TaskvecError(f"cannot read size {_clip(text)}: use a number with B, KB, MB, GB, MiB or GiB")
+        value = Decimal(match.group(1)) * _UNITS[match.group(2).upper()]  # exact: no float overflow
+    if value > MAX_SIZE:
+        raise TaskvecError(f"size {_clip(text)} is too large (at most {MAX_SIZE} bytes, 1 PiB)")
+    if int(value) <= 0:
+        raise TaskvecError(f"size {_clip(text)} must be positive")
+    return int(value)
+
+
+def _clip(text: str | int, limit: int = 40) -> str:
+    """The size as typed, shortened: a line of 300 digits helps nobody."""
+    text = repr(str(text))
+    return text if len(text) <= limit else text[:limit - 4] + "...'"
 
 
 def plan_shards(specs: list[OutputSpec], max_shard_bytes: int) -> list[list[OutputSpec]]:
