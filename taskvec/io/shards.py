@@ -65,7 +65,13 @@ def shard_names(count: int) -> list[str]:
 
 
 class ShardWriter:
-    """Creates the shard files with their headers, then takes tensor bytes at any offset."""
+    """Creates the shard files at their final size, then takes tensor bytes at any offset.
+
+    A shard's header is written last, in `close()`, once its data is on disk: until then its
+    first 8 bytes (the header length) are zero, which every reader refuses, so a shard left by
+    a crash (SIGKILL, power loss) can never be loaded as a model full of zeros.
+    Used as a context manager, an error on the way leaves the shards headerless.
+    """
 
     def __init__(
         self, directory: Path, specs: list[OutputSpec], max_shard_bytes: int, metadata: dict[str, str]
@@ -74,6 +80,7 @@ class ShardWriter:
         shards = plan_shards(specs, max_shard_bytes)
         self.files = shard_names(len(shards))
         self._fds: list[int] = []
+        self._headers: list[bytes] = []
         self._where: dict[str, tuple[int, int]] = {}
         self.weight_map: dict[str, str] = {}
         self.total_size = sum(spec.nbytes for spec in specs)
@@ -81,25 +88,42 @@ class ShardWriter:
             header, offsets = encode_header(shard, metadata)
             fd = os.open(self.directory / file_name, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
             self._fds.append(fd)
-            os.pwrite(fd, header, 0)
+            self._headers.append(header)
             os.ftruncate(fd, len(header) + sum(spec.nbytes for spec in shard))
             for spec in shard:
                 self._where[spec.name] = (fd, offsets[spec.name])
                 self.weight_map[spec.name] = file_name
 
+    def __enter__(self) -> ShardWriter:
+        return self
+
+    def __exit__(self, kind, error, traceback) -> None:
+        self.close(complete=kind is None)
+
     def write(self, name: str, start: int, data: memoryview) -> None:
         """Write `data` at byte `start` of tensor `name`."""
         fd, offset = self._where[name]
-        done = 0
-        while done < len(data):
-            done += os.pwrite(fd, data[done:], offset + start + done)
+        _pwrite_all(fd, data, offset + start)
 
-    def close(self) -> None:
-        """Flush to disk and write the index when there is more than one shard."""
+    def close(self, complete: bool = True) -> None:
+        """Flush the data, then write and flush the headers, and the index when there is more
+        than one shard. complete=False (a failed write) closes the shards headerless, unloadable."""
+        if not self._fds:
+            return
+        if complete:
+            for fd, header in zip(self._fds, self._headers, strict=True):
+                os.fsync(fd)  # the data is on disk before a header says the shard is complete
+                _pwrite_all(fd, memoryview(header), 0)
+                os.fsync(fd)
         for fd in self._fds:
-            os.fsync(fd)
             os.close(fd)
         self._fds.clear()
-        if len(self.files) > 1:
+        if complete and len(self.files) > 1:
             index = {"metadata": {"total_size": self.total_size}, "weight_map": self.weight_map}
             (self.directory / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
+
+
+def _pwrite_all(fd: int, data: memoryview, offset: int) -> None:
+    done = 0
+    while done < len(data):
+        done += os.pwrite(fd, data[done:], offset + done)
