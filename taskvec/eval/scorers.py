@@ -68,15 +68,17 @@ class DetoxifyScorer:
 
     checkpoint: a Detoxify .ckpt file (a dict with `config` and `state_dict`), for machines
     without access to GitHub. config_dir: a directory with the Hugging Face config and tokenizer
-    of the checkpoint's architecture (e.g. roberta-base), for machines without the hub.
+    of the checkpoint's architecture (e.g. roberta-base), for machines without the hub. Either
+    way the checkpoint is read without running pickled code (see detoxify_loader).
     """
 
     name = "detoxify"
 
     def __init__(self, model_type: str = "unbiased", checkpoint: str | Path | None = None,
                  config_dir: str | Path | None = None, device: str = "cpu", batch_size: int = 32):
-        from detoxify import Detoxify
         from detoxify.detoxify import MODEL_URLS
+
+        from taskvec.eval.detoxify_loader import hub_checkpoint, load_detoxify
 
         if checkpoint is None and model_type not in MODEL_URLS:
             raise TaskvecError(f"unknown Detoxify model {model_type!r}: choose from {', '.join(MODEL_URLS)}")
@@ -84,27 +86,35 @@ class DetoxifyScorer:
             if path is not None and not Path(path).exists():
                 raise TaskvecError(f"Detoxify {what} {path} does not exist")
         try:
-            self._model = Detoxify(model_type, checkpoint=None if checkpoint is None else str(checkpoint),
-                                   device=device,
-                                   huggingface_config_path=None if config_dir is None else str(config_dir))
-        except Exception as err:  # download, unpickling and transformers errors all mean "cannot load"
+            model, self._tokenizer, class_names = load_detoxify(
+                hub_checkpoint(model_type) if checkpoint is None else checkpoint, config_dir)
+        except TaskvecError:
+            raise
+        except Exception as err:  # download and transformers errors all mean "cannot load"
             source = f"checkpoint {checkpoint}" if checkpoint else f"model {model_type!r}"
             raise TaskvecError(
                 f"cannot load the Detoxify {source} ({type(err).__name__}: {brief(err)}); offline, pass "
                 "--detoxify-checkpoint FILE (and --detoxify-config DIR), or use --scorer profanity"
             ) from err
-        if "toxicity" not in self._model.class_names:
+        if "toxicity" not in class_names:
             raise TaskvecError(f"Detoxify checkpoint {checkpoint} has no 'toxicity' class "
-                               f"(it has {', '.join(self._model.class_names)})")
+                               f"(it has {', '.join(class_names)})")
+        self._model = model.to(device).eval()
+        self._column = class_names.index("toxicity")
         self.batch_size = batch_size
         self.settings = {"model_type": None if checkpoint else model_type,
                          "checkpoint": None if checkpoint is None else str(checkpoint)}
 
     def score(self, texts):
+        """Sigmoid of the toxicity logit, as Detoxify.predict computes it."""
+        import torch
+
         if not texts:
             return []
-        result = self._model.predict(list(texts))["toxicity"]
-        return [float(s) for s in (result if isinstance(result, list) else [result])]
+        inputs = self._tokenizer(list(texts), return_tensors="pt", truncation=True, padding=True)
+        with torch.inference_mode():
+            logits = self._model(**inputs.to(self._model.device))[0]
+        return torch.sigmoid(logits[:, self._column]).float().cpu().tolist()
 
 
 def _perspective(**options):
