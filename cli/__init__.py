@@ -42,7 +42,7 @@ class LazyGroup(click.Group):
         return getattr(module, attr)
 
     def invoke(self, ctx):
-        with _sigterm_unwinds():
+        with _termination_unwinds():
             try:
                 return super().invoke(ctx)
             except TaskvecError as err:
@@ -53,18 +53,26 @@ class LazyGroup(click.Group):
 
 
 @contextmanager
-def _sigterm_unwinds():
-    """Make SIGTERM (kill, scancel, a job's time limit) unwind like Ctrl-C, so that staged
-    outputs are removed on the way out instead of being left half-written; exit status 143."""
+def _termination_unwinds():
+    """Make SIGTERM (kill, scancel, a job's time limit) and SIGHUP (a dropped SSH session) unwind
+    like Ctrl-C, so that staged outputs are removed on the way out instead of being left
+    half-written; exit status 128 + the signal's number (143, 129). A signal the caller ignores
+    (`nohup`) stays ignored, and a repeated one does not interrupt the cleanup."""
 
     def stop(signum, frame):
+        for number in previous:
+            signal.signal(number, signal.SIG_IGN)
         raise SystemExit(128 + signum)
 
-    previous = signal.signal(signal.SIGTERM, stop)
+    previous = {number: signal.getsignal(number) for number in (signal.SIGTERM, signal.SIGHUP)
+                if signal.getsignal(number) is not signal.SIG_IGN}
+    for number in previous:
+        signal.signal(number, stop)
     try:
         yield
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for number, handler in previous.items():
+            signal.signal(number, handler)
 
 
 @click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})
