@@ -4,7 +4,7 @@ from dataclasses import fields
 
 import click
 
-from taskvec.train_config import PRECISIONS, TrainConfig
+from taskvec.train_config import ATTN_IMPLEMENTATIONS, MODEL_DTYPES, OPTIMIZERS, PRECISIONS, TrainConfig
 
 DEFAULTS = {field.name: field.default for field in fields(TrainConfig)}
 
@@ -42,17 +42,42 @@ DEFAULTS = {field.name: field.default for field in fields(TrainConfig)}
               help="Seed of dropout and data order (the same for every split).")
 @click.option("--save-steps", type=click.IntRange(min=1), default=DEFAULTS["save_steps"], show_default=True,
               help="Checkpoint every this many steps; a killed run resumes from the last one.")
+@click.option("--lora-rank", type=click.IntRange(min=1), default=DEFAULTS["lora_rank"],
+              help="Train a LoRA adapter of this rank per split (PEFT) instead of every weight "
+                   "[default: full fine-tune].")
+@click.option("--lora-alpha", type=click.FloatRange(min=0, min_open=True), default=DEFAULTS["lora_alpha"],
+              help="LoRA alpha; the update is B A * alpha / rank [default: the rank].")
+@click.option("--lora-target-modules", default=None, metavar="NAMES",
+              help="Comma-separated module names to adapt, or all-linear [default: PEFT's for the "
+                   "architecture, e.g. c_attn for GPT-2, q_proj,v_proj for Llama].")
+@click.option("--lora-dropout", type=click.FloatRange(min=0, max=1, max_open=True),
+              default=DEFAULTS["lora_dropout"], show_default=True, help="Dropout on the LoRA branch.")
+@click.option("--gradient-checkpointing", is_flag=True,
+              help="Recompute activations in the backward pass: less memory, about 20-30% slower.")
+@click.option("--optim", type=click.Choice(OPTIMIZERS), default=DEFAULTS["optim"], show_default=True,
+              help="The Trainer's optimizer; paged_* and *_8bit need bitsandbytes.")
+@click.option("--model-dtype", type=click.Choice(MODEL_DTYPES), default=DEFAULTS["model_dtype"],
+              show_default=True,
+              help="Load and train the base in this dtype; below float32 only with --lora-rank or --deepspeed.")
+@click.option("--attn-implementation", type=click.Choice(ATTN_IMPLEMENTATIONS),
+              default=DEFAULTS["attn_implementation"],
+              help="Attention kernel; flash_attention_2 needs flash-attn and a GPU [default: transformers' choice].")
+@click.option("--deepspeed", type=click.Path(dir_okay=False), default=DEFAULTS["deepspeed"], metavar="CONFIG",
+              help="DeepSpeed JSON config for the Trainer, e.g. examples/deepspeed/zero3-bf16.json "
+                   "(launch with deepspeed, torchrun or accelerate).")
 @click.option("--overwrite", is_flag=True,
               help="Retrain splits that are already finished, and discard checkpoints of other settings.")
 @click.option("--progress/--no-progress", default=None, help="Progress bars [default: only on a terminal].")
 def train_splits(splits_dir, base, output, split_index, learning_rate, batch_size, epochs, max_steps,
                  max_length, warmup_steps, weight_decay, gradient_accumulation_steps, precision, ascent,
-                 seed, save_steps, overwrite, progress):
+                 seed, save_steps, lora_rank, lora_alpha, lora_target_modules, lora_dropout,
+                 gradient_checkpointing, optim, model_dtype, attn_implementation, deepspeed, overwrite, progress):
     """Fine-tune BASE once per split of SPLITS (a directory from `taskvec data split`).
 
     Each fine-tune is saved as a safetensors model directory OUTPUT/split-KK (config, tokenizer,
-    model.safetensors, taskvec-train.json) that `taskvec merge` takes as is. The defaults are the
-    original recipe: AdamW, lr 1e-5, linear schedule, batch 16, 5 epochs, descent on the LM loss.
+    model.safetensors, taskvec-train.json) that `taskvec merge` takes as is; with --lora-rank it
+    is a PEFT adapter directory (adapter_config.json, adapter_model.safetensors). The defaults are
+    the original recipe: AdamW, lr 1e-5, linear schedule, batch 16, 5 epochs, descent on the LM loss.
 
     A finished split is skipped, so rerunning the command after a crash only does what is left;
     a killed split resumes from its last checkpoint (kept in OUTPUT/.split-KK.checkpoints).
@@ -68,7 +93,12 @@ def train_splits(splits_dir, base, output, split_index, learning_rate, batch_siz
     config = TrainConfig(learning_rate=learning_rate, batch_size=batch_size, epochs=epochs,
                          max_steps=max_steps, max_length=max_length, warmup_steps=warmup_steps,
                          weight_decay=weight_decay, gradient_accumulation_steps=gradient_accumulation_steps,
-                         precision=precision, ascent=ascent, seed=seed, save_steps=save_steps)
+                         precision=precision, ascent=ascent, seed=seed, save_steps=save_steps,
+                         lora_rank=lora_rank, lora_alpha=lora_alpha, lora_dropout=lora_dropout,
+                         lora_target_modules=lora_target_modules and tuple(
+                             name.strip() for name in lora_target_modules.split(",")),
+                         gradient_checkpointing=gradient_checkpointing, optim=optim, model_dtype=model_dtype,
+                         attn_implementation=attn_implementation, deepspeed=deepspeed)
     paths = run(base, splits_dir, output, config, split_index, overwrite=overwrite, progress=progress)
     if is_main_process():
         click.echo(f"{len(paths)} fine-tune{'s' * (len(paths) != 1)} ready in {output}: "

@@ -5,10 +5,12 @@ through `torchrun`/`accelerate launch`, and a killed run resumes from its last c
 Checkpoints live in `.<output>.checkpoints` beside the output; the finished model is moved into
 place only when complete, with `taskvec-train.json` (what was trained, on what, how) as its
 marker, so a finished fine-tune is never retrained and a half-written one never looks finished.
+With a LoRA rank the output is a PEFT adapter directory instead: the low-rank task vector itself.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import shutil
@@ -27,10 +29,11 @@ from transformers.trainer_utils import get_last_checkpoint
 
 from taskvec import __version__
 from taskvec.data import read_jsonl, read_manifest, read_split, texts_hash
-from taskvec.errors import TaskvecError
+from taskvec.errors import TaskvecError, brief
 from taskvec.hf import load_causal_lm, quiet_transformers
+from taskvec.jsonfile import read_json
 from taskvec.outputs import check_output, staged_directory
-from taskvec.train_config import TrainConfig
+from taskvec.train_config import BNB_OPTIMIZERS, TrainConfig
 
 MARKER = "taskvec-train.json"
 RUN_FILE = "taskvec-run.json"
@@ -78,15 +81,34 @@ def tokenize(texts: Sequence[str], tokenizer, max_length: int) -> list[dict]:
     return [example for example in examples if len(example["input_ids"]) >= 2]
 
 
+def _settings(config: TrainConfig) -> dict:
+    return {k: v for k, v in asdict(config).items() if k not in BOOKKEEPING}
+
+
 def run_record(model_dir: str | Path, texts: Sequence[str], config: TrainConfig) -> dict:
-    """What determines a fine-tune's weights: base model, data and settings (not bookkeeping)."""
+    """What determines a fine-tune's weights: base model, data and settings (not bookkeeping).
+
+    A DeepSpeed config is recorded by its contents, so an edited file counts as a change and a
+    moved one does not. The record is as JSON gives it back, so a reread one compares equal.
+    """
     base = Path(model_dir)
-    return {
+    settings = _settings(config)
+    if config.deepspeed is not None:
+        settings["deepspeed"] = read_json(config.deepspeed, expect=dict)
+    return json.loads(json.dumps({
         "base_model": str(base.resolve()) if base.exists() else str(model_dir),
         "data_sha256": texts_hash(texts),
         "n_texts": len(texts),
-        "config": {k: v for k, v in asdict(config).items() if k not in BOOKKEEPING},
-    }
+        "config": settings,
+    }))
+
+
+def _with_defaults(record: object) -> object:
+    """A record written before a setting existed: that run used the setting's default."""
+    if isinstance(record, dict) and isinstance(record.get("config"), dict):
+        defaults = json.loads(json.dumps(_settings(TrainConfig())))
+        return {**record, "config": {**defaults, **record["config"]}}
+    return record
 
 
 def _difference(old: dict, new: dict) -> str:
@@ -101,9 +123,26 @@ def _difference(old: dict, new: dict) -> str:
 def finished_record(output_dir: Path) -> dict | None:
     """The run record of a finished fine-tune in output_dir, or None if it is not one."""
     try:
-        return json.loads((output_dir / MARKER).read_text(encoding="utf-8"))["run"]
-    except (OSError, ValueError, KeyError, TypeError):
+        return _with_defaults(read_json(output_dir / MARKER, expect=dict)["run"])
+    except (TaskvecError, KeyError):
         return None
+
+
+def _require(module: str, feature: str, install: str) -> None:
+    if importlib.util.find_spec(module) is None:
+        raise TaskvecError(f"{feature} needs the {module} package, which is not installed: pip install {install}")
+
+
+def check_dependencies(config: TrainConfig) -> None:
+    """Refuse, before anything loads, a setting whose optional package is missing."""
+    if config.lora_rank is not None:
+        _require("peft", "--lora-rank", "'taskvec[lora]'")
+    if config.optim in BNB_OPTIMIZERS:
+        _require("bitsandbytes", f"--optim {config.optim}", "bitsandbytes")
+    if config.attn_implementation == "flash_attention_2":
+        _require("flash_attn", "--attn-implementation flash_attention_2", "flash-attn --no-build-isolation")
+    if config.deepspeed is not None:
+        _require("deepspeed", "--deepspeed", "deepspeed")
 
 
 def finetune(model_dir: str | Path, texts: Iterable[str] | str | Path, output_dir: str | Path,
@@ -119,6 +158,7 @@ def finetune(model_dir: str | Path, texts: Iterable[str] | str | Path, output_di
     """
     config = config or TrainConfig()
     config.validate()
+    check_dependencies(config)
     if config.precision != "fp32" and not torch.cuda.is_available():
         raise TaskvecError(f"precision {config.precision} is mixed-precision training on a GPU, and no CUDA GPU "
                            "is available; use fp32 on CPU")
@@ -141,14 +181,21 @@ def finetune(model_dir: str | Path, texts: Iterable[str] | str | Path, output_di
 
     progress = sys.stderr.isatty() if progress is None else progress
     with quiet_transformers(progress_bars=progress, warnings=True):
+        workdir = output_dir.parent / f".{output_dir.name}.checkpoints"
+        # Before the model loads: this sets up torch.distributed if launched so, and DeepSpeed
+        # ZeRO-3 then partitions the weights as they load instead of after.
+        args = _training_arguments(workdir, config, progress, record["config"]["deepspeed"])
         # Train in float32 whatever the checkpoint stores (AdamW on half-precision weights
-        # stalls); the result is saved back in the stored dtype so that `taskvec merge` pairs them.
-        model, tokenizer, saved_dtype = load_causal_lm(model_dir, dtype=torch.float32)
+        # stalls) unless model_dtype says otherwise; a full fine-tune is saved back in the
+        # stored dtype so that `taskvec merge` pairs them.
+        model, tokenizer, saved_dtype = load_causal_lm(model_dir, dtype=getattr(torch, config.model_dtype))
+        if config.attn_implementation is not None:
+            _set_attention(model, config.attn_implementation, model_dir)
+        if config.lora_rank is not None:
+            model = _lora_model(model, config, record["base_model"], model_dir)
         dataset = tokenize(texts, tokenizer, config.max_length)
         if not dataset:
             raise TaskvecError(f"{output_dir}: every text is shorter than two tokens; nothing to train on")
-        workdir = output_dir.parent / f".{output_dir.name}.checkpoints"
-        args = _training_arguments(workdir, config, progress)  # sets up torch.distributed if launched so
         if args.process_index == 0:
             _prepare_workdir(workdir, record, overwrite)
         args.distributed_state.wait_for_everyone()
@@ -156,13 +203,24 @@ def finetune(model_dir: str | Path, texts: Iterable[str] | str | Path, output_di
         started = time.time()
         trainer = _make_trainer(model, tokenizer, dataset, args, config, progress, callbacks)
         result = trainer.train(resume_from_checkpoint=get_last_checkpoint(str(workdir)))
-        if saved_dtype != torch.float32:
+        # A LoRA adapter stays in float32 (small, and merged in float32 anyway). DeepSpeed and
+        # FSDP own the weights they sharded and gather their own copy: that is cast after saving.
+        full = config.lora_rank is None
+        sharded = trainer.is_deepspeed_enabled or trainer.is_fsdp_enabled
+        if full and not sharded and saved_dtype != model.dtype:
             trainer.model.to(saved_dtype)
         trainer.save_model(str(workdir / FINAL))
     if trainer.is_world_process_zero():
+        if full and sharded:
+            cast_saved_weights(workdir / FINAL, saved_dtype)
         marker = {"format": "taskvec-train/1", "run": record, "global_step": result.global_step,
                   "train_loss": result.training_loss, "seconds": round(time.time() - started, 3),
                   "taskvec_version": __version__, "transformers_version": transformers.__version__}
+        if not full:
+            import peft
+
+            marker["peft_version"] = peft.__version__
+            marker["lora_target_modules"] = sorted(trainer.model.peft_config["default"].target_modules)
         with staged_directory(output_dir, overwrite=True) as staging:
             for file in (workdir / FINAL).iterdir():
                 if file.name != "training_args.bin":  # a pickle of the Trainer's arguments
@@ -182,10 +240,10 @@ def _prepare_workdir(workdir: Path, record: dict, overwrite: bool) -> None:
     run_file = workdir / RUN_FILE
     if workdir.exists():
         try:
-            previous = json.loads(run_file.read_text(encoding="utf-8"))
-        except (OSError, ValueError):
+            previous = read_json(run_file, expect=dict)
+        except TaskvecError:
             previous = None
-        if previous != record:
+        if _with_defaults(previous) != record:
             if not overwrite:
                 why = _difference(previous, record) if isinstance(previous, dict) else "no run record"
                 raise TaskvecError(f"{workdir} holds checkpoints of another run ({why}); "
@@ -198,7 +256,59 @@ def _prepare_workdir(workdir: Path, record: dict, overwrite: bool) -> None:
     (workdir / FINAL).mkdir()
 
 
-def _training_arguments(workdir: Path, config: TrainConfig, progress: bool) -> TrainingArguments:
+def _set_attention(model, name: str, where) -> None:
+    try:
+        model.set_attn_implementation(name)
+    except (ImportError, ValueError) as err:
+        raise TaskvecError(f"{where}: cannot use attention {name} ({brief(err)})") from None
+    if model.config._attn_implementation != name:
+        raise TaskvecError(f"{where}: {type(model).__name__} cannot switch its attention to {name}")
+
+
+def _lora_model(model, config: TrainConfig, base_name: str, where):
+    """Wrap the base in a trainable LoRA adapter (PEFT), every other weight frozen.
+
+    Seeded first: the adapter's random initialisation is part of the run, so split K's adapter
+    is the same whether it is trained alone (--split-index) or after other splits.
+    """
+    from peft import LoraConfig, get_peft_model
+    from transformers.pytorch_utils import Conv1D
+
+    modules = list(config.lora_target_modules or [])  # none: PEFT's default for the architecture
+    lora = LoraConfig(r=config.lora_rank, lora_alpha=config.lora_alpha or config.lora_rank,
+                      lora_dropout=config.lora_dropout, task_type="CAUSAL_LM",
+                      target_modules="all-linear" if modules == ["all-linear"] else modules or None,
+                      fan_in_fan_out=any(isinstance(m, Conv1D) for m in model.modules()))  # GPT-2's (in, out) weights
+    model.name_or_path = base_name  # what adapter_config.json names as its base
+    transformers.set_seed(config.seed)
+    try:
+        return get_peft_model(model, lora)
+    except ValueError as err:
+        hint = "" if modules else "; name them with --lora-target-modules"
+        raise TaskvecError(f"{where}: cannot add LoRA adapters ({brief(err)}){hint}") from None
+
+
+def cast_saved_weights(model_dir: Path, dtype: torch.dtype) -> None:
+    """Rewrite a saved model's floating tensors (and config dtype) in `dtype`, so merge pairs it with its base."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    for file in sorted(model_dir.glob("*.safetensors")):
+        with safe_open(file, "pt") as handle:
+            metadata = handle.metadata()
+            tensors = {name: handle.get_tensor(name) for name in handle.keys()}  # noqa: SIM118 (not a dict)
+        if any(t.is_floating_point() and t.dtype != dtype for t in tensors.values()):
+            save_file({k: t.to(dtype) if t.is_floating_point() else t for k, t in tensors.items()}, file, metadata)
+    config_file = model_dir / "config.json"
+    if config_file.exists():
+        config = read_json(config_file, expect=dict)
+        config["dtype"] = str(dtype).removeprefix("torch.")
+        config_file.write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
+
+
+def _training_arguments(workdir: Path, config: TrainConfig, progress: bool,
+                        deepspeed: dict | None = None) -> TrainingArguments:
+    """The Trainer's arguments; `deepspeed` is the config's contents as recorded (read once)."""
     return TrainingArguments(
         output_dir=str(workdir),
         per_device_train_batch_size=config.batch_size,
@@ -222,6 +332,9 @@ def _training_arguments(workdir: Path, config: TrainConfig, progress: bool) -> T
         disable_tqdm=not progress,
         remove_unused_columns=False,
         dataloader_pin_memory=torch.cuda.is_available(),
+        optim=config.optim,
+        activation_checkpointing=config.gradient_checkpointing,
+        deepspeed=deepspeed,
     )
 
 

@@ -8,6 +8,11 @@ from dataclasses import dataclass
 from taskvec.errors import TaskvecError
 
 PRECISIONS = ("fp32", "bf16", "fp16")
+# The Trainer's optimizer names offered; the bitsandbytes ones need that package.
+BNB_OPTIMIZERS = ("paged_adamw_32bit", "paged_adamw_8bit", "adamw_bnb_8bit")
+OPTIMIZERS = ("adamw_torch_fused", "adamw_torch", "adafactor", "sgd", *BNB_OPTIMIZERS)
+MODEL_DTYPES = ("float32", "bfloat16", "float16")
+ATTN_IMPLEMENTATIONS = ("sdpa", "eager", "flash_attention_2")
 
 
 @dataclass
@@ -17,6 +22,12 @@ class TrainConfig:
     batch_size is per device: with P processes the effective batch is
     P * batch_size * gradient_accumulation_steps. max_steps, when set, overrides epochs.
     ascent=True trains by gradient ascent on the LM loss (the classic unlearning baseline).
+
+    lora_rank set trains a LoRA adapter instead of every weight: lora_alpha defaults to the rank
+    (scale alpha / r = 1) and lora_target_modules to PEFT's modules for the architecture.
+    model_dtype is the dtype the base is loaded and trained in; below float32 only the LoRA path
+    or DeepSpeed (which keeps float32 master weights) can train it. attn_implementation None is
+    transformers' choice; deepspeed is the path of a DeepSpeed JSON config.
     """
 
     learning_rate: float = 1e-5
@@ -34,6 +45,15 @@ class TrainConfig:
     save_steps: int = 500
     save_total_limit: int | None = 2
     logging_steps: int = 50
+    lora_rank: int | None = None
+    lora_alpha: float | None = None
+    lora_target_modules: tuple[str, ...] | None = None
+    lora_dropout: float = 0.0
+    gradient_checkpointing: bool = False
+    optim: str = "adamw_torch_fused"  # the Trainer's default on torch >= 2.8, so older runs compare equal
+    model_dtype: str = "float32"
+    attn_implementation: str | None = None
+    deepspeed: str | None = None
 
     def validate(self) -> None:
         positive = {"learning_rate": self.learning_rate, "batch_size": self.batch_size,
@@ -50,3 +70,24 @@ class TrainConfig:
                 raise TaskvecError(f"{name} must not be negative, got {getattr(self, name)}")
         if self.precision not in PRECISIONS:
             raise TaskvecError(f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
+        for name, allowed in (("optim", OPTIMIZERS), ("model_dtype", MODEL_DTYPES),
+                              ("attn_implementation", (None, *ATTN_IMPLEMENTATIONS))):
+            if getattr(self, name) not in allowed:
+                raise TaskvecError(f"{name} must be one of {', '.join(filter(None, allowed))}, "
+                                   f"got {getattr(self, name)!r}")
+        if self.lora_rank is None:
+            for name, unset in (("lora_alpha", None), ("lora_target_modules", None), ("lora_dropout", 0.0)):
+                if getattr(self, name) != unset:
+                    raise TaskvecError(f"{name} is a LoRA setting; set lora_rank (--lora-rank) to train LoRA")
+        elif not self.lora_rank > 0:
+            raise TaskvecError(f"lora_rank must be positive, got {self.lora_rank}")
+        if self.lora_alpha is not None and not self.lora_alpha > 0:
+            raise TaskvecError(f"lora_alpha must be positive, got {self.lora_alpha}")
+        if self.lora_target_modules is not None and not (self.lora_target_modules and all(self.lora_target_modules)):
+            raise TaskvecError(f"lora_target_modules must be module names, got {self.lora_target_modules!r}")
+        if not 0 <= self.lora_dropout < 1:
+            raise TaskvecError(f"lora_dropout must be in [0, 1), got {self.lora_dropout}")
+        if self.model_dtype != "float32" and self.lora_rank is None and self.deepspeed is None:
+            raise TaskvecError(f"model_dtype {self.model_dtype} would train every weight in {self.model_dtype}, "
+                               "where small updates round away; use it with --lora-rank or --deepspeed "
+                               "(float32 master weights), or --precision for mixed precision")

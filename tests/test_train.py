@@ -48,14 +48,19 @@ def make_base(path, tokenizer, dropout: float, dtype=torch.float32):
     return path
 
 
-@pytest.fixture(scope="module")
-def tokenizer():
+def make_tokenizer():
+    """A byte-level BPE tokenizer trained on TEXTS (vocabulary 300)."""
     bpe = Tokenizer(models.BPE())
     bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     bpe.decoder = decoders.ByteLevel()
     bpe.train_from_iterator(TEXTS, trainers.BpeTrainer(vocab_size=300, special_tokens=["<|endoftext|>"],
                                                        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
     return PreTrainedTokenizerFast(tokenizer_object=bpe, bos_token="<|endoftext|>", eos_token="<|endoftext|>")
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return make_tokenizer()
 
 
 @pytest.fixture(scope="module")
