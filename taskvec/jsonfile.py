@@ -18,14 +18,17 @@ __all__ = ["dumps", "parse_json", "read_json", "write_json"]
 _KINDS = {dict: "a JSON object", list: "a JSON array"}
 
 
-def parse_json(text: str | bytes, where: str | Path, expect: type | None = None) -> object:
-    """Parse `text`; `where` (a file name, or "file: field") prefixes any error.
+def parse_json(text: str | bytes, where: str | Path, expect: type | None = None, *,
+               unique_keys: bool = False) -> object:
+    """Parse `text`; `where` (a file name, or "file: field") prefixes any error. `unique_keys`
+    refuses an object that repeats a key (JSON parsers silently keep the last one).
 
     >>> parse_json('{"a": 1}', "config.json", expect=dict)
     {'a': 1}
     """
     try:
-        value = json.loads(text.decode("utf-8") if isinstance(text, bytes) else text)
+        hook = _unique(where) if unique_keys else None
+        value = json.loads(text.decode("utf-8") if isinstance(text, bytes) else text, object_pairs_hook=hook)
     except UnicodeDecodeError:
         raise TaskvecError(f"{where}: not valid UTF-8 text") from None
     except json.JSONDecodeError as err:
@@ -38,14 +41,26 @@ def parse_json(text: str | bytes, where: str | Path, expect: type | None = None)
     return value
 
 
-def read_json(path: str | Path, expect: type | None = None) -> object:
+def _unique(where):
+    def pairs(items: list[tuple[str, object]]) -> dict:
+        value = dict(items)
+        if len(value) != len(items):
+            seen = set()
+            repeated = next(key for key, _ in items if key in seen or seen.add(key))
+            raise TaskvecError(f"{where}: key {repeated!r} appears twice")
+        return value
+
+    return pairs
+
+
+def read_json(path: str | Path, expect: type | None = None, *, unique_keys: bool = False) -> object:
     """Read and parse a JSON file: errors name the file, whatever went wrong."""
     path = Path(path)
     try:
         raw = path.read_bytes()
     except OSError as err:
         raise TaskvecError(f"{path}: cannot read ({err.strerror or err})") from None
-    return parse_json(raw, path, expect)
+    return parse_json(raw, path, expect, unique_keys=unique_keys)
 
 
 def dumps(value: object) -> str:

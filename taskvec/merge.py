@@ -14,6 +14,7 @@ the target and renamed into place only when complete.
 
 from __future__ import annotations
 
+import errno
 import json
 import math
 import queue
@@ -23,6 +24,7 @@ import time
 from abc import ABC, abstractmethod
 from collections.abc import Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -30,15 +32,19 @@ import torch
 
 from taskvec import __version__
 from taskvec.errors import TaskvecError
-from taskvec.io.checkpoint import TIED_OUTPUT, Checkpoint, copy_side_files, open_checkpoint, resolve_model_path
-from taskvec.io.safetensors_file import CODES, DTYPES, FileReader, OutputSpec, TensorEntry
+from taskvec.io.checkpoint import Checkpoint, copy_side_files, open_checkpoint, resolve_model_path
+from taskvec.io.layout import INPUT_EMBEDDINGS, LEGACY_BUFFERS, PROVENANCE, TIED_OUTPUT
+from taskvec.io.names import naming_rules
+from taskvec.io.peft_adapter import LoraDelta, LoraSource
+from taskvec.io.safetensors_file import CODES, DTYPES, FileReader, OutputSpec, TensorEntry, encode_header
 from taskvec.io.shards import ShardWriter, parse_size
+from taskvec.jsonfile import dumps, write_json
 from taskvec.kernels.reference import combine_reference
 from taskvec.outputs import check_output, staged_directory
 
 DEFAULT_CHUNK_BYTES = 16 * 2**20
 DEFAULT_MAX_SHARD_SIZE = "50GB"  # transformers' save_pretrained default
-PROVENANCE_FILE = "taskvec.json"
+PROVENANCE_FILE = PROVENANCE  # kept importable from here: callers and tests name it
 ARITHMETIC_DTYPES = {"F16", "BF16", "F32", "F64"}
 COPIED_DTYPES = {"I64", "I32", "I16", "I8", "U8", "U16", "U32", "U64", "BOOL"}
 
@@ -111,7 +117,7 @@ class Segment:
     name: str
     start: int
     numel: int
-    sources: tuple[TensorEntry, ...]
+    sources: tuple[TensorEntry | LoraSource, ...]
 
 
 @dataclass
@@ -141,6 +147,8 @@ class MergePlan:
     base_coef: float
     sum_coef: float
     chunk_elems: int
+    notes: list[str] = field(default_factory=list)  # what was renamed, dropped, cast or left out
+    extras: dict[str, list[str]] = field(default_factory=dict)  # input label -> tensors left out
 
     @property
     def n_inputs(self) -> int:
@@ -162,48 +170,171 @@ def plan_merge(
     sum_coef: float,
     out_dtype: torch.dtype | None = None,
     chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+    *,
+    strict: bool = False,
 ) -> MergePlan:
-    """Check that every input holds the reference's tensors (inputs[0]) and cut them into jobs."""
+    """Match every input's tensors to the reference's (inputs[0]) by canonical name and cut them
+    into jobs. Every problem is raised here, before an output byte exists."""
+    notes: list[str] = []
+    tensors = _canonical_tensors(inputs, notes)
     reference = inputs[0]
-    sources = {name: [entry] for name, entry in reference.tensors.items()}
-    for checkpoint in inputs[1:]:
-        _match(reference, checkpoint, sources)
+    if reference.adapter is not None:
+        raise TaskvecError(f"{reference.path}: a LoRA adapter cannot be the base; pass the model it was "
+                           "trained from as --base and the adapter as a fine-tune")
+    ref_tensors = tensors[0]
+    ref_tied = reference.ties_embeddings is not False
+    sources: dict[str, list] = {name: [entry] for name, entry in ref_tensors.items()}
+    extras: dict[str, list[str]] = {}
+    for checkpoint, named in zip(inputs[1:], tensors[1:], strict=True):
+        if checkpoint.adapter is not None:
+            notes.extend(_match_adapter(reference, ref_tensors, ref_tied, checkpoint, named, sources))
+        else:
+            found = _match(reference, ref_tensors, ref_tied, checkpoint, named, sources)
+            if found:
+                extras[checkpoint.label] = found
+    _extras_note(extras, strict, notes)
     chunk_elems = max(1, chunk_bytes // 4)
-    outputs, jobs = [], []
+    outputs, jobs, cast = [], [], set()
     for name, entries in sources.items():
-        code = entries[0].dtype
+        code = _read_code(name, entries, cast)
         if code in ARITHMETIC_DTYPES:
-            kind, out_code = "combine", (CODES[out_dtype] if out_dtype else code)
+            kind, out_code = "combine", (CODES[out_dtype] if out_dtype else entries[0].dtype)
         elif code in COPIED_DTYPES:
             kind, out_code = "copy", code
         else:
             raise TaskvecError(f"{entries[0].path}: tensor '{name}' has dtype {code}, not supported")
         outputs.append(OutputSpec(name, out_code, entries[0].shape))
         _add_segments(jobs, kind, DTYPES[code], DTYPES[out_code], name, tuple(entries), chunk_elems)
+    if cast:
+        notes.append(f"inputs differ in dtype ({', '.join(sorted(cast))}): each is cast on read into the "
+                     f"float32 sum; the output is {_dtype_name(out_dtype) if out_dtype else 'in the base’s dtype'}")
     largest = max((job.numel for job in jobs), default=1)  # workspaces: no bigger than the biggest job
-    return MergePlan(inputs, outputs, jobs, base_coef, sum_coef, min(chunk_elems, largest))
+    return MergePlan(inputs, outputs, jobs, base_coef, sum_coef, min(chunk_elems, largest), notes, extras)
 
 
-def _match(reference: Checkpoint, checkpoint: Checkpoint, sources: dict[str, list]) -> None:
-    for name, ref in reference.tensors.items():
-        entry = checkpoint.find(name)
+def _canonical_tensors(inputs: list[Checkpoint], notes: list[str]) -> list[dict[str, object]]:
+    """Each input's tensors under the names the architecture loads them by (taskvec.io.names):
+    only consulted when names disagree or legacy buffers are present, as that costs imports."""
+    named = [dict(c.tensors) | (dict(c.adapter.deltas) if c.adapter else {}) for c in inputs]
+    reference = set(named[0]) - {TIED_OUTPUT}
+    if all(set(n) - {TIED_OUTPUT} <= reference if c.adapter else set(n) - {TIED_OUTPUT} == reference
+           for c, n in zip(inputs, named, strict=True)) \
+            and not any(LEGACY_BUFFERS.search(name) for n in named for name in n):
+        return named
+    config = next((c.config for c in inputs if c.adapter is None and c.config.get("architectures")), {})
+    rules, why_not = naming_rules(config)
+    if rules is None:
+        notes.append(f"tensor names differ between inputs, and {why_not}: names are matched as they are")
+        return named
+    result = []
+    for checkpoint, tensors in zip(inputs, named, strict=True):
+        canonical, renamed, dropped = {}, 0, []
+        for name, entry in tensors.items():
+            new = rules.canonical(name)
+            if new is None:
+                dropped.append(name)
+                continue
+            renamed += new != name
+            if new in canonical:
+                where = entry.a.path if isinstance(entry, LoraDelta) else entry.path
+                raise TaskvecError(f"{where}: tensors '{name}' and another one both load as '{new}' "
+                                   f"in {rules.architecture}")
+            canonical[new] = entry
+        if renamed:
+            notes.append(f"{checkpoint.label}: {renamed} tensors renamed to {rules.architecture}'s current names "
+                         f"(prefix '{rules.prefix}.')")
+        if dropped:
+            notes.append(f"{checkpoint.label}: {len(dropped)} buffers that transformers drops on load left out "
+                         f"({_listing(dropped)})")
+        result.append(canonical)
+    return result
+
+
+def _match(reference, ref_tensors, ref_tied, checkpoint, tensors, sources) -> list[str]:
+    """Add a full fine-tune's entries to `sources`; returns its tensors the base does not have."""
+    tied = checkpoint.ties_embeddings if checkpoint.ties_embeddings is not None else ref_tied
+    for name, ref in ref_tensors.items():
+        entry = tensors.get(name)
+        if entry is None and name == TIED_OUTPUT and tied:
+            embedding = next((n for n in INPUT_EMBEDDINGS if n in tensors), None)
+            entry = tensors.get(embedding) if embedding else None
         if entry is None:
-            raise TaskvecError(f"{checkpoint.path}: tensor '{name}' is missing (present in {ref.path})")
-        if entry.shape != ref.shape:
-            raise TaskvecError(
-                f"{entry.path}: tensor '{name}' has shape {list(entry.shape)}, "
-                f"but {ref.path} has {list(ref.shape)}"
-            )
-        if entry.dtype != ref.dtype:
-            raise TaskvecError(
-                f"{entry.path}: tensor '{name}' has dtype {entry.dtype}, but {ref.path} has "
-                f"{ref.dtype}; convert the checkpoints to one dtype first"
-            )
+            hint = (" (the base's output embedding is not tied to its input embedding, and this fine-tune "
+                    "has neither its own nor a config saying it ties them)"
+                    if name == TIED_OUTPUT and not ref_tied else "")
+            raise TaskvecError(f"{checkpoint.path}: tensor '{name}' is missing (present in {ref.path}){hint}")
+        _check_shape(name, entry, ref)
         sources[name].append(entry)
-    for name, entry in checkpoint.tensors.items():
-        tied = name == TIED_OUTPUT and checkpoint.ties_embeddings
-        if name not in reference.tensors and not tied:
-            raise TaskvecError(f"{entry.path}: tensor '{name}' is not in {reference.path}")
+    return [name for name in tensors if name not in ref_tensors and not (name == TIED_OUTPUT and tied)]
+
+
+def _match_adapter(reference, ref_tensors, ref_tied, checkpoint, tensors, sources) -> list[str]:
+    """A LoRA adapter as a fine-tune: base + delta for its target modules, its own tensors where it
+    trains them whole, the base's everywhere else. Returns a note if it names another base."""
+    for name in tensors:
+        if name not in ref_tensors:
+            raise TaskvecError(f"{checkpoint.path}: the adapter changes '{name}', which {reference.path} "
+                               "does not have (an adapter of another model?)")
+    embedding = next((n for n in INPUT_EMBEDDINGS if n in ref_tensors), None)
+    for name, ref in ref_tensors.items():
+        key = embedding if name == TIED_OUTPUT and ref_tied and name not in tensors and embedding else name
+        item = tensors.get(key)
+        if isinstance(item, LoraDelta):
+            source = LoraSource(ref_tensors[key], item)
+        elif item is not None:
+            _check_shape(name, item, ref)
+            source = item
+        else:
+            source = ref  # untouched by the adapter: the fine-tune holds the base's value
+        sources[name].append(source)
+    wanted = checkpoint.adapter.base_model
+    if wanted and reference.label not in (str(wanted), Path(str(wanted)).name):
+        return [f"{checkpoint.label}: adapter trained on {wanted}, merged onto {reference.label}"]
+    return []
+
+
+def _check_shape(name: str, entry, ref) -> None:
+    if entry.shape == ref.shape:
+        return
+    vocabulary = (name == TIED_OUTPUT or name in INPUT_EMBEDDINGS) and entry.shape[1:] == ref.shape[1:]
+    if vocabulary:
+        raise TaskvecError(
+            f"{entry.path}: tensor '{name}' has {entry.shape[0]} rows (vocabulary), but {ref.path} has "
+            f"{ref.shape[0]}: the vocabulary was resized; merge against a base resized the same way "
+            "(model.resize_token_embeddings, then save_pretrained)"
+        )
+    raise TaskvecError(f"{entry.path}: tensor '{name}' has shape {list(entry.shape)}, "
+                       f"but {ref.path} has {list(ref.shape)}")
+
+
+def _read_code(name: str, entries: list, cast: set) -> str:
+    """The dtype a tensor's chunks are read in: the inputs' own, or float32 (float64 where one
+    input is) when floating dtypes differ; integer buffers must agree."""
+    codes = {entry.dtype for entry in entries}
+    if len(codes) == 1:
+        return codes.pop()
+    if codes <= ARITHMETIC_DTYPES:
+        cast.update(codes - {"F32"} if any(isinstance(e, LoraSource) for e in entries) else codes)
+        return "F64" if "F64" in codes else "F32"
+    odd = next(e for e in entries if e.dtype != entries[0].dtype)
+    raise TaskvecError(f"{odd.path}: tensor '{name}' has dtype {odd.dtype}, but {entries[0].path} has "
+                       f"{entries[0].dtype}; an integer buffer must have one dtype in every input")
+
+
+def _extras_note(extras: dict[str, list[str]], strict: bool, notes: list[str]) -> None:
+    for label, names in extras.items():
+        if strict:
+            raise TaskvecError(f"{label}: holds {len(names)} tensors the base does not have "
+                               f"({_listing(names)}); without --strict they are left out")
+        notes.append(f"{label}: {len(names)} tensors the base does not have left out ({_listing(names)})")
+
+
+def _listing(names: list[str], shown: int = 3) -> str:
+    return ", ".join(names[:shown]) + (f" and {len(names) - shown} more" if len(names) > shown else "")
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
 
 
 def _add_segments(jobs, kind, in_dtype, out_dtype, name, entries, chunk_elems) -> None:
@@ -225,21 +356,41 @@ def _add_segments(jobs, kind, in_dtype, out_dtype, name, entries, chunk_elems) -
 
 
 class JobReader:
-    """Fills a byte buffer with one input's segments of a job, back to back."""
+    """Fills a buffer with one input's segments of a job, back to back, in the job's dtype.
+
+    A segment stored in another dtype is read into a scratch buffer and cast (mixed-dtype
+    inputs); a LoRA module is the base's chunk plus its delta's (taskvec.io.peft_adapter).
+    """
 
     def __init__(self) -> None:
         self.files = FileReader()
+        self._scratch = torch.empty(0, dtype=torch.uint8)
 
     def read_job(self, job: Job, input_index: int, buffer: torch.Tensor) -> None:
-        view = memoryview(buffer.numpy())
-        size = job.in_dtype.itemsize
         position = 0
         for segment in job.segments:
-            entry = segment.sources[input_index]
-            nbytes = segment.numel * size
-            self.files.read_into(entry.path, entry.offset + segment.start * size,
-                                 view[position:position + nbytes])
+            nbytes = segment.numel * job.in_dtype.itemsize
+            out = buffer[position:position + nbytes].view(job.in_dtype)
+            self.read_segment(segment.sources[input_index], segment.start, out)
             position += nbytes
+
+    def read_segment(self, source, start: int, out: torch.Tensor) -> None:
+        """Elements [start, start + out.numel()) of `source` into `out`, cast to out's dtype."""
+        if isinstance(source, LoraSource):
+            self.read_segment(source.base, start, out)
+            source.add_delta(self.files, start, out)
+            return
+        stored = DTYPES[source.dtype]
+        offset = source.offset + start * stored.itemsize
+        if stored == out.dtype:
+            self.files.read_into(source.path, offset, memoryview(out.view(torch.uint8).numpy()))
+            return
+        nbytes = out.numel() * stored.itemsize
+        if self._scratch.numel() < nbytes:
+            self._scratch = torch.empty(nbytes, dtype=torch.uint8)
+        raw = self._scratch[:nbytes]
+        self.files.read_into(source.path, offset, memoryview(raw.numpy()))
+        out.copy_(raw.view(stored))
 
     def close(self) -> None:
         self.files.close()
@@ -424,6 +575,7 @@ class MergeResult:
     bytes_read: int
     bytes_written: int
     seconds: float
+    notes: list[str] = field(default_factory=list)  # what the merge renamed, dropped, cast or skipped
 
 
 def merge_checkpoints(
@@ -438,70 +590,115 @@ def merge_checkpoints(
     max_shard_size: str | int = DEFAULT_MAX_SHARD_SIZE,
     chunk_size: str | int = DEFAULT_CHUNK_BYTES,
     overwrite: bool = False,
+    strict: bool = False,
     progress: bool | None = None,
 ) -> MergeResult:
     """Merge checkpoint directories into `output` in one streaming pass.
 
     method: 'negated_mean' (base - scale * (mean(ft) - base)), 'negate' (one fine-tune) or
-    'average' (mean of the fine-tunes; no base). dtype: output dtype of floating tensors
-    (default: the inputs'). progress: a tqdm bar (None: only on a terminal).
+    'average' (mean of the fine-tunes; no base). Inputs are model directories (safetensors or
+    PyTorch .bin, single or sharded), single weight files, PEFT LoRA adapter directories, or hub
+    ids. dtype: output dtype of floating tensors (default: the base's). strict: refuse fine-tune
+    tensors the base does not have instead of leaving them out. progress: a tqdm bar (None: only
+    on a terminal).
     """
     from tqdm.auto import tqdm
 
     started = time.perf_counter()
     if method not in METHODS:
         raise TaskvecError(f"unknown method {method!r}: choose from {', '.join(METHODS)}")
-    if not math.isfinite(scale):
-        raise TaskvecError(f"scale must be a finite number, got {scale}")
+    if not math.isfinite(scale) or abs(scale) > torch.finfo(torch.float32).max:
+        raise TaskvecError(f"scale must be a finite float32 number, got {scale}")
     chosen = METHODS[method]
     finetuned = list(finetuned)
     chosen.check_count(len(finetuned))
-    paths = [resolve_model_path(p) for p in chosen.inputs(base, finetuned)]
+    names = chosen.inputs(base, finetuned)
+    paths = [resolve_model_path(p) for p in names]
     _check_distinct(paths)
     output = check_output(output, paths, overwrite)
     out_dtype = _parse_dtype(dtype)
-    checkpoints = [open_checkpoint(p) for p in paths]
+    checkpoints = [open_checkpoint(p, _label(name, p)) for name, p in zip(names, paths, strict=True)]
     _check_files_outside(checkpoints, output)
     base_coef, sum_coef = chosen.coefficients(len(finetuned), scale)
-    plan = plan_merge(checkpoints, base_coef, sum_coef, out_dtype, parse_size(chunk_size))
-    written = sum(spec.nbytes for spec in plan.outputs)
-    _check_free_space(output, written)
-    executor = make_executor(device)
+    plan = plan_merge(checkpoints, base_coef, sum_coef, out_dtype, parse_size(chunk_size), strict=strict)
+    written_dtype = out_dtype or _floating_dtype(plan)
     provenance = {
         "taskvec_version": __version__,
         "method": chosen.name,
         "formula": chosen.formula,
         "scale": scale if chosen.name != "average" else None,
         "n_finetuned": len(finetuned),
-        "base": str(base) if base is not None else None,
-        "finetuned": [str(p) for p in finetuned],
+        "base": _identity(checkpoints[0]) if base is not None else None,
+        "finetuned": [_identity(c) for c in checkpoints[-len(finetuned):]],
         "base_coef": base_coef,
         "sum_coef": sum_coef,
-        "dtype": str(out_dtype).removeprefix("torch.") if out_dtype else "as input",
+        "dtype": _dtype_name(out_dtype) if out_dtype else "as input",
+        "left_out": plan.extras,
     }
     metadata = {"format": "pt", "taskvec": json.dumps(provenance, separators=(",", ":"))}
+    config_updates = _config_updates(checkpoints[0].config, written_dtype)
+    _check_free_space(output, plan, metadata, checkpoints[0], provenance)
+    executor = make_executor(device)
     reader = JobReader()
     with staged_directory(output, overwrite) as staging:
         shards = ShardWriter(staging, plan.outputs, parse_size(max_shard_size), metadata)
         bar = tqdm(total=plan.bytes_read, unit="B", unit_scale=True, desc=f"taskvec {chosen.name}",
                    disable=None if progress is None else not progress)
         try:
-            executor.run(plan, reader, JobWriter(shards), bar)
+            with _output_errors(output):
+                executor.run(plan, reader, JobWriter(shards), bar)
         finally:
             bar.close()
             reader.close()
-            shards.close()
-        copy_side_files(checkpoints[0], staging, _config_updates(checkpoints[0].config, out_dtype))
-        (staging / PROVENANCE_FILE).write_text(json.dumps(provenance, indent=2) + "\n")
-    return MergeResult(output, shards.files, plan.bytes_read, written, time.perf_counter() - started)
+            with _output_errors(output):
+                shards.close()
+        with _output_errors(output):
+            skipped = copy_side_files(checkpoints[0], staging, config_updates)
+            write_json(staging / PROVENANCE_FILE, provenance, fsync=False)
+    notes = plan.notes + [f"not copied from {checkpoints[0].label}: {item}" for item in skipped]
+    return MergeResult(output, shards.files, plan.bytes_read, sum(spec.nbytes for spec in plan.outputs),
+                       time.perf_counter() - started, notes)
 
 
-def _config_updates(config: dict, out_dtype: torch.dtype | None) -> dict | None:
-    """The output dtype under both names transformers has read (`torch_dtype` before 4.56)."""
-    if out_dtype is None:
+def _label(name: str | Path, path: Path) -> str:
+    """How provenance and notes name an input: a hub id as given, a local one by its own name."""
+    if Path(name) != path:  # fetched from the hub
+        return str(name)
+    return path.name if path.is_dir() else f"{path.parent.name}/{path.name}"
+
+
+def _identity(checkpoint: Checkpoint) -> dict:
+    """An input as published models may record it: its name and a fingerprint, no local path."""
+    return {"name": checkpoint.label, "format": checkpoint.format, "sha256": checkpoint.fingerprint()}
+
+
+def _floating_dtype(plan: MergePlan) -> torch.dtype | None:
+    """The dtype the output's floating tensors are written in (the base's), for config.json."""
+    codes = [spec.dtype for spec in plan.outputs if spec.dtype in ARITHMETIC_DTYPES]
+    return DTYPES[max(set(codes), key=codes.count)] if codes else None
+
+
+@contextmanager
+def _output_errors(output: Path) -> Iterator[None]:
+    """A full disk or a read-only file system while writing names the output, not an input."""
+    try:
+        yield
+    except OSError as err:
+        if err.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS):
+            raise
+        file = f" writing {Path(err.filename).name}" if err.filename else ""
+        raise TaskvecError(f"output {output}: {err.strerror}{file} (on the file system of "
+                           f"{_existing_parent(output)})") from None
+
+
+def _config_updates(config: dict, dtype: torch.dtype | None) -> dict | None:
+    """config.json names the dtype actually written, under both names transformers has read
+    (`torch_dtype` before 4.56)."""
+    if dtype is None or not config:
         return None
-    name = str(out_dtype).removeprefix("torch.")
-    return {"dtype": name, **({"torch_dtype": name} if "torch_dtype" in config else {})}
+    name = _dtype_name(dtype)
+    updates = {"dtype": name, **({"torch_dtype": name} if "torch_dtype" in config else {})}
+    return None if all(config.get(key) == value for key, value in updates.items()) else updates
 
 
 def _check_files_outside(checkpoints: list[Checkpoint], output: Path) -> None:
@@ -515,13 +712,21 @@ def _check_files_outside(checkpoints: list[Checkpoint], output: Path) -> None:
                                    f"(as {file.resolve()}); choose another directory")
 
 
-def _check_free_space(output: Path, nbytes: int) -> None:
-    """Refuse before reading anything when the output's file system cannot hold the result."""
-    parent = next((p for p in (output, *output.parents) if p.exists()), Path("."))
+def _check_free_space(output: Path, plan: MergePlan, metadata: dict, source: Checkpoint, provenance) -> None:
+    """Refuse before reading anything when the output's file system cannot hold all of it:
+    tensors, headers (one per shard at most), side files and provenance."""
+    header = len(encode_header(plan.outputs, metadata)[0])
+    side = sum(f.stat().st_size for f in source.side_files())
+    needed = sum(spec.nbytes for spec in plan.outputs) + 2 * header + side + 2 * len(dumps(provenance)) + 2**16
+    parent = _existing_parent(output)
     free = shutil.disk_usage(parent).free
-    if free < nbytes:
-        raise TaskvecError(f"output {output}: the merge writes {nbytes / 1e9:.2f} GB, but only "
-                           f"{free / 1e9:.2f} GB is free there")
+    if free < needed:
+        raise TaskvecError(f"output {output}: the merge writes {needed / 1e9:.2f} GB, but only "
+                           f"{free / 1e9:.2f} GB is free on the file system of {parent}")
+
+
+def _existing_parent(output: Path) -> Path:
+    return next((p for p in (output, *output.parents) if p.exists()), Path("."))
 
 
 def _check_distinct(paths: list[Path]) -> None:

@@ -109,6 +109,6 @@ def test_os_errors_are_one_line(synthetic_sets, tmp_path, monkeypatch):
     sset = synthetic_sets("float32")
     result = run("merge", "--base", sset.base, "-o", tmp_path / "out", *sset.finetuned[:2])
     assert result.exit_code == 1 and result.output.count("\n") == 1, result.output
-    assert result.output.startswith("Error: ") and result.output.strip().endswith(
-        "model.safetensors: No space left on device")
+    assert result.output.startswith(f"Error: output {tmp_path / 'out'}: No space left on device writing "
+                                    "model.safetensors (on the file system of ")
     assert list(tmp_path.iterdir()) == []

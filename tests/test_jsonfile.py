@@ -34,3 +34,11 @@ def test_round_trip_and_no_temporary_left(tmp_path):
     assert read_json(tmp_path / "out.json", expect=dict) == value
     assert [p.name for p in tmp_path.iterdir()] == ["out.json"]
     assert parse_json("[1]", "x", expect=list) == [1]
+
+
+def test_repeated_keys_are_refused_when_asked(tmp_path):
+    path = tmp_path / "index.json"
+    path.write_text('{"weight_map": {"a": "1.safetensors", "b": "1", "a": "2.safetensors"}}')
+    assert read_json(path)["weight_map"]["a"] == "2.safetensors"
+    with pytest.raises(TaskvecError, match="index.json: key 'a' appears twice"):
+        read_json(path, unique_keys=True)

@@ -1,11 +1,21 @@
-"""Hugging Face model directories: weights (single file or sharded with an index) and side files.
+"""Model directories as a merge sees them: tensors by name, config, side files, whatever the format.
 
-Opening a checkpoint reads headers only; tensor bytes are read later, chunk by chunk.
+`open_checkpoint` reads headers only and dispatches on what a path holds, one reader per format,
+each giving the same `TensorEntry` (file, byte offset, dtype, shape), so planning and the
+executors never depend on the format:
+
+    model.safetensors / model.safetensors.index.json         taskvec.io.safetensors_file
+    pytorch_model.bin / pytorch_model.bin.index.json / .pt    taskvec.io.torch_file (no pickled code runs)
+    adapter_config.json + adapter_model.safetensors           taskvec.io.peft_adapter (LoRA deltas)
+
+Tensor bytes are read later, chunk by chunk.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
 import re
 import shutil
 from dataclasses import dataclass, field
@@ -13,83 +23,86 @@ from fnmatch import fnmatch
 from pathlib import Path
 
 from taskvec.errors import TaskvecError, brief
+from taskvec.io import layout
+from taskvec.io.peft_adapter import Adapter, read_adapter
 from taskvec.io.safetensors_file import TensorEntry, read_header
-from taskvec.io.shards import INDEX_FILE, SINGLE_FILE
-
-# Files copied from the base into a merged model: what from_pretrained and the tokenizer need.
-SIDE_FILE_PATTERNS = (
-    "config.json",
-    "generation_config.json",
-    "tokenizer*",
-    "special_tokens_map.json",
-    "added_tokens.json",
-    "vocab.*",
-    "merges.txt",
-    "*.model",
-    "*.tiktoken",
-    "chat_template.*",
-    "preprocessor_config.json",
-)
-# Names a tied output embedding may be stored under, and where its input embedding lives.
-TIED_OUTPUT = "lm_head.weight"
-INPUT_EMBEDDINGS = (
-    "transformer.wte.weight",
-    "model.embed_tokens.weight",
-    "model.decoder.embed_tokens.weight",
-    "gpt_neox.embed_in.weight",
-    "wte.weight",
-    "embed_tokens.weight",
-)
+from taskvec.jsonfile import dumps, read_json
 
 
 @dataclass
 class Checkpoint:
-    """A model directory's tensors (name -> location, in file order) and its config."""
+    """A model directory's tensors (name -> location, in file order), its config and its format."""
 
     path: Path
     tensors: dict[str, TensorEntry]
     config: dict = field(default_factory=dict)
+    format: str = "safetensors"  # "safetensors", "torch" or "peft"
+    adapter: Adapter | None = None
+    label: str = ""  # how outputs name it: the hub id or the directory's name, never a full path
 
     @property
-    def ties_embeddings(self) -> bool:
+    def ties_embeddings(self) -> bool | None:
+        """Whether the output embedding is the input embedding; None when no config says."""
+        if not self.config or self.adapter is not None:
+            return None
         return bool(self.config.get("tie_word_embeddings", True))
 
-    def find(self, name: str) -> TensorEntry | None:
-        """The tensor called `name`, or for a tied model the input embedding it is tied to."""
+    def find(self, name: str, tied: bool) -> TensorEntry | None:
+        """The tensor called `name`, or, where `tied`, the input embedding a tied head is."""
         entry = self.tensors.get(name)
-        if entry is None and name == TIED_OUTPUT and self.ties_embeddings:
+        if entry is None and name == layout.TIED_OUTPUT and tied:
             embedding = self.input_embedding()
             entry = self.tensors.get(embedding) if embedding else None
         return entry
 
     def input_embedding(self) -> str | None:
-        return next((n for n in INPUT_EMBEDDINGS if n in self.tensors), None)
+        return next((n for n in layout.INPUT_EMBEDDINGS if n in self.tensors), None)
 
     def files(self) -> list[Path]:
         """Every file a merge reads from this checkpoint: weight files and side files."""
-        return sorted({entry.path for entry in self.tensors.values()} | set(self.side_files()))
+        weights = {entry.path for entry in self.tensors.values()}
+        if self.adapter is not None:
+            weights |= {d.a.path for d in self.adapter.deltas.values()}
+        return sorted(weights | set(self.side_files()))
 
     def side_files(self) -> list[Path]:
         return sorted(
             p for p in self.path.iterdir()
-            if p.is_file() and any(fnmatch(p.name, pattern) for pattern in SIDE_FILE_PATTERNS)
+            if p.is_file() and any(fnmatch(p.name, pattern) for pattern in layout.SIDE_FILE_PATTERNS)
         )
+
+    def fingerprint(self) -> str:
+        """sha256 of what the headers say (names, dtypes, shapes, sizes, file names): identifies
+        the weights in provenance without exposing where they are stored."""
+        table = [(n, e.dtype, e.shape, e.path.name, e.offset, e.nbytes) for n, e in self.tensors.items()]
+        if self.adapter is not None:
+            table += [(n, d.a.path.name, d.a.offset, d.b.offset, d.scaling, d.transpose)
+                      for n, d in self.adapter.deltas.items()]
+        return hashlib.sha256(json.dumps(table).encode()).hexdigest()
 
 
 HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[\w.-]+)?")
+_WEIGHT_PATTERNS = (  # what a hub download fetches, in order of preference: the first that has weights
+    ("*.safetensors", layout.SAFETENSORS_INDEX, layout.ADAPTER_CONFIG),
+    ("*.bin", layout.TORCH_INDEX, layout.ADAPTER_CONFIG),
+)
 
 
 def resolve_model_path(name: str | Path) -> Path:
-    """A local path as it is; otherwise a Hugging Face hub id (`gpt2`, `org/model`), whose
-    safetensors weights, config and tokenizer are fetched into the hub cache, as from_pretrained would."""
+    """A local path as it is; otherwise a Hugging Face hub id (`gpt2`, `org/model`), fetched into
+    the hub cache as from_pretrained would: safetensors weights where the repository has them,
+    else its PyTorch `.bin` weights, plus config, generation config and tokenizer."""
     path = Path(name)
     if path.exists() or not HUB_ID.fullmatch(str(name)):
         return path
     from huggingface_hub import snapshot_download
 
-    patterns = ["*.safetensors", INDEX_FILE, *SIDE_FILE_PATTERNS]
     try:
-        return Path(snapshot_download(str(name), allow_patterns=patterns))
+        for weights in _WEIGHT_PATTERNS:
+            snapshot = Path(snapshot_download(str(name), allow_patterns=[*weights, *layout.SIDE_FILE_PATTERNS]))
+            if _has_weights(snapshot):
+                return snapshot
+        return snapshot
     except Exception as err:  # the hub client raises many types; each means "not fetched"
         raise TaskvecError(
             f"{name}: no such directory, and it could not be fetched from the Hugging Face hub "
@@ -97,77 +110,150 @@ def resolve_model_path(name: str | Path) -> Path:
         ) from None
 
 
-def open_checkpoint(path: str | Path) -> Checkpoint:
-    """Read the headers of a model directory (or of one .safetensors file)."""
+def _has_weights(directory: Path) -> bool:
+    return any(directory.glob("*.safetensors")) or any(directory.glob("*.bin")) \
+        or (directory / layout.ADAPTER_CONFIG).is_file()
+
+
+def open_checkpoint(path: str | Path, label: str | None = None) -> Checkpoint:
+    """Read the headers of a model directory, an adapter directory, or one weight file."""
     path = Path(path)
+    label = label or (path.name if path.is_dir() else f"{path.parent.name}/{path.name}")
     if not path.exists():
         raise TaskvecError(f"{path}: no such file or directory")
+    if not path.is_dir() and not path.is_file():
+        raise TaskvecError(f"{path}: not a regular file or a directory")
     if path.is_file():
-        if path.suffix != ".safetensors":
-            raise TaskvecError(f"{path}: not a safetensors file or a model directory")
-        return Checkpoint(path.parent, dict(read_header(path).tensors), _read_config(path.parent))
-    index = path / INDEX_FILE
-    if index.is_file():
-        tensors = _read_sharded(index)
-    elif (path / SINGLE_FILE).is_file():
-        tensors = dict(read_header(path / SINGLE_FILE).tensors)
-    else:
-        tensors = _read_unnamed(path)
-    return Checkpoint(path, tensors, _read_config(path))
+        return _checked(Checkpoint(path.parent, _read_weight_file(path), _read_config(path.parent),
+                                   _format(path), label=label))
+    if (path / layout.ADAPTER_CONFIG).is_file():
+        adapter = read_adapter(path)
+        return Checkpoint(path, dict(adapter.replaced), adapter.config, "peft", adapter, label)
+    for index, single, reader in (
+        (layout.SAFETENSORS_INDEX, layout.SAFETENSORS_SINGLE, _read_safetensors),
+        (layout.TORCH_INDEX, layout.TORCH_SINGLE, _read_torch),
+    ):
+        if (path / index).is_file():
+            return _checked(Checkpoint(path, _read_sharded(path / index, reader), _read_config(path),
+                                       _format(path / single), label=label))
+        if (path / single).is_file():
+            return _checked(Checkpoint(path, reader(path / single), _read_config(path), _format(path / single),
+                                       label=label))
+    weights = _only_weight_file(path)
+    return _checked(Checkpoint(path, _read_weight_file(weights), _read_config(path), _format(weights), label=label))
 
 
-def _read_sharded(index: Path) -> dict[str, TensorEntry]:
-    try:
-        weight_map = json.loads(index.read_text())["weight_map"]
-        if not isinstance(weight_map, dict):
-            raise TypeError
-    except (OSError, ValueError, KeyError, TypeError):
-        raise TaskvecError(f"{index}: not a valid safetensors index (no weight_map)") from None
-    headers = {}
+def _format(path: Path) -> str:
+    return "safetensors" if path.suffix == ".safetensors" else "torch"
+
+
+def _read_safetensors(path: Path) -> dict[str, TensorEntry]:
+    return dict(read_header(path).tensors)
+
+
+def _read_torch(path: Path) -> dict[str, TensorEntry]:
+    from taskvec.io.torch_file import read_torch_file
+
+    return read_torch_file(path)
+
+
+def _read_weight_file(path: Path) -> dict[str, TensorEntry]:
+    if path.suffix == ".safetensors":
+        return _read_safetensors(path)
+    if path.suffix in layout.TORCH_SUFFIXES:
+        return _read_torch(path)
+    raise TaskvecError(f"{path}: not a weight file (.safetensors, .bin, .pt) or a model directory")
+
+
+def _only_weight_file(path: Path) -> Path:
+    for pattern in ("*.safetensors", *(f"*{suffix}" for suffix in layout.TORCH_SUFFIXES)):
+        files = sorted(f for f in path.glob(pattern) if not f.name.startswith("training_args"))
+        if len(files) == 1:
+            return files[0]
+        if len(files) > 1:
+            raise TaskvecError(f"{path}: {len(files)} {pattern[1:]} files but no index naming them")
+    checkpoints = [(int(m[1]), p) for p in path.iterdir()
+                   if p.is_dir() and (m := layout.TRAINER_CHECKPOINT.fullmatch(p.name))]
+    if checkpoints:
+        newest = max(checkpoints)[1]
+        raise TaskvecError(f"{path}: no weights, only Trainer checkpoints; the newest is {newest} "
+                           "(pass it, or the directory the final model was saved to)")
+    raise TaskvecError(f"{path}: no weights ({layout.SAFETENSORS_SINGLE}, {layout.TORCH_SINGLE}, "
+                       f"a sharded index or a PEFT adapter)")
+
+
+def _read_sharded(index: Path, read_shard) -> dict[str, TensorEntry]:
+    """An index's tensors, each from the shard it names; a tensor a shard holds but the index
+    leaves out, or one the index names twice, would silently lose data: both are refused."""
+    weight_map = read_json(index, expect=dict, unique_keys=True).get("weight_map")
+    if not isinstance(weight_map, dict) or not weight_map:
+        raise TaskvecError(f"{index}: not a valid index (no weight_map)")
+    shards = {}
     for shard in dict.fromkeys(weight_map.values()):
         if not isinstance(shard, str) or Path(shard).name != shard:
             raise TaskvecError(f"{index}: names shard {shard!r}, not a file name in its directory (corrupt index)")
         shard_path = index.parent / shard
         if not shard_path.is_file():
             raise TaskvecError(f"{index}: names shard '{shard}', which is missing")
-        headers[shard] = read_header(shard_path).tensors
+        shards[shard] = read_shard(shard_path)
     tensors = {}
     for name, shard in weight_map.items():
-        if name not in headers[shard]:
+        if name not in shards[shard]:
             raise TaskvecError(f"{index.parent / shard}: tensor '{name}' listed in the index is missing")
-        tensors[name] = headers[shard][name]
+        tensors[name] = shards[shard][name]
+    for shard, entries in shards.items():
+        for name in entries:
+            listed = weight_map.get(name)
+            if listed != shard:
+                where = f"assigns to {listed}" if listed else "does not list"
+                raise TaskvecError(f"{index.parent / shard}: holds tensor '{name}', which {index.name} {where} "
+                                   "(corrupt index)")
     return tensors
 
 
-def _read_unnamed(path: Path) -> dict[str, TensorEntry]:
-    files = sorted(path.glob("*.safetensors"))
-    if len(files) == 1:
-        return dict(read_header(files[0]).tensors)
-    if len(files) > 1:
-        raise TaskvecError(f"{path}: {len(files)} safetensors files but no {INDEX_FILE}")
-    if any(path.glob("*.bin")) or any(path.glob("*.pt")):
-        raise TaskvecError(
-            f"{path}: only PyTorch .bin/.pt weights; convert them to safetensors "
-            "(model.save_pretrained(dir, safe_serialization=True))"
-        )
-    raise TaskvecError(f"{path}: no safetensors weights (model.safetensors or {INDEX_FILE})")
-
-
 def _read_config(path: Path) -> dict:
-    config = path / "config.json"
-    if not config.is_file():
-        return {}
-    try:
-        return json.loads(config.read_text())
-    except ValueError as err:
-        raise TaskvecError(f"{config}: not valid JSON ({err})") from None
+    config = path / layout.CONFIG
+    return read_json(config, expect=dict) if config.is_file() else {}
 
 
-def copy_side_files(source: Checkpoint, directory: Path, config_updates: dict | None = None) -> None:
-    """Copy config, generation config and tokenizer files; apply updates to config.json."""
+def _checked(checkpoint: Checkpoint) -> Checkpoint:
+    """Refuse quantized weights: packed integers and scales are not values to take a task vector of."""
+    quantization = checkpoint.config.get("quantization_config")
+    if quantization:
+        method = quantization.get("quant_method", "quantized") if isinstance(quantization, dict) else "quantized"
+        raise TaskvecError(f"{checkpoint.path / layout.CONFIG}: a {method} checkpoint (quantization_config); "
+                           "merge the unquantized weights instead")
+    packed = next((n for n in checkpoint.tensors if layout.QUANTIZED_TENSORS.search(n)), None)
+    if packed is not None:
+        raise TaskvecError(f"{checkpoint.tensors[packed].path}: tensor '{packed}' is part of a quantized "
+                           "checkpoint; merge the unquantized weights instead")
+    return checkpoint
+
+
+def copy_side_files(source: Checkpoint, directory: Path, config_updates: dict | None = None) -> list[str]:
+    """Copy config, generation config and tokenizer files; apply updates to config.json.
+
+    Only regular files that are inside the model directory (or, for a hub snapshot, in its
+    repository's blob store) are copied, never with wider permissions than they have: a link to
+    a private file elsewhere is not published with the model. Returns what was skipped.
+    """
+    skipped = []
     for file in source.side_files():
-        if file.name == "config.json" and config_updates:
-            config = {**source.config, **config_updates}
-            (directory / file.name).write_text(json.dumps(config, indent=2) + "\n")
+        if not _inside_model(file, source.path):
+            skipped.append(f"{file.name} (a link to {file.resolve()}, outside {source.path})")
+            continue
+        target = directory / file.name
+        if file.name == layout.CONFIG and config_updates:
+            target.write_text(dumps({**source.config, **config_updates}), encoding="utf-8")
         else:
-            shutil.copyfile(file, directory / file.name)
+            shutil.copyfile(file, target)
+        os.chmod(target, os.stat(target).st_mode & file.stat().st_mode & 0o777)
+    return skipped
+
+
+def _inside_model(file: Path, directory: Path) -> bool:
+    real = file.resolve()
+    roots = [directory.resolve()]
+    if directory.parent.name == "snapshots":  # huggingface_hub cache: snapshots/<rev>/f -> ../../blobs/<sha>
+        roots.append((directory.parent.parent / "blobs").resolve())
+    return real.is_file() and any(root in real.parents for root in roots)

@@ -66,7 +66,7 @@ def test_single_safetensors_file_as_checkpoint(tmp_path):
     save_file({"w": torch.zeros(2)}, tmp_path / "weights.safetensors")
     assert list(open_checkpoint(tmp_path / "weights.safetensors").tensors) == ["w"]
     assert list(open_checkpoint(tmp_path).tensors) == ["w"]  # the only safetensors file in a directory
-    with pytest.raises(TaskvecError, match="not a safetensors file"):
+    with pytest.raises(TaskvecError, match="not a weight file"):
         (tmp_path / "notes.txt").write_text("x")
         open_checkpoint(tmp_path / "notes.txt")
 

@@ -1,0 +1,185 @@
+"""PEFT LoRA adapter directories as fine-tunes: each target module's task vector, one at a time.
+
+A LoRA adapter stores, per target module, `lora_A` (r x in) and `lora_B` (out x r); its task
+vector for that module's weight is
+
+    delta = B @ A * scaling,      scaling = lora_alpha / r   (lora_alpha / sqrt(r) with rslora)
+
+transposed for modules that store (in, out) weights (GPT-2's Conv1D: `fan_in_fan_out`, and
+embeddings), exactly as PEFT's `get_delta_weight` computes it. Tensors an adapter trains whole
+(`modules_to_save`, biases with `bias="all"/"lora_only"`) replace the base's. Every other tensor
+of the fine-tune is the base's own.
+
+`read_adapter` reads headers only. A `LoraSource` stands for one module's fine-tuned weight
+(base + delta) in a merge and computes the delta chunk by chunk, so memory is bounded by a chunk
+and the factors, whatever the size of the module or the adapter.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from taskvec.errors import TaskvecError
+from taskvec.io.layout import ADAPTER_CONFIG, ADAPTER_SAFETENSORS, ADAPTER_TORCH
+from taskvec.io.safetensors_file import DTYPES, FileReader, TensorEntry, read_header
+from taskvec.jsonfile import read_json
+
+PEFT_PREFIX = "base_model.model."
+_LORA_KEY = re.compile(r"(?P<module>.+)\.(?P<kind>lora_A|lora_B)\.weight|(?P<emb>.+)\.(?P<ekind>lora_embedding_[AB])")
+_UNSUPPORTED = ("use_dora", "lora_bias", "use_qalora", "use_bdlora")
+
+
+@dataclass(frozen=True)
+class LoraDelta:
+    """One target module: its A and B factors, the scaling, and whether B @ A is transposed."""
+
+    target: str  # the base tensor it changes, e.g. transformer.h.0.attn.c_attn.weight
+    a: TensorEntry
+    b: TensorEntry
+    scaling: float
+    transpose: bool
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        rows, cols = self.b.shape[0], self.a.shape[1]
+        return (cols, rows) if self.transpose else (rows, cols)
+
+
+@dataclass
+class Adapter:
+    """What an adapter directory holds, by base tensor name."""
+
+    config: dict
+    deltas: dict[str, LoraDelta] = field(default_factory=dict)
+    replaced: dict[str, TensorEntry] = field(default_factory=dict)
+
+    @property
+    def base_model(self) -> str | None:
+        return self.config.get("base_model_name_or_path")
+
+
+def read_adapter(directory: Path) -> Adapter:
+    """Headers and config of a PEFT LoRA adapter directory; refuses kinds taskvec does not compute."""
+    config_path = directory / ADAPTER_CONFIG
+    config = read_json(config_path, expect=dict)
+    kind = config.get("peft_type")
+    if kind != "LORA":
+        raise TaskvecError(f"{config_path}: a {kind} adapter; taskvec merges LoRA adapters only")
+    for option in _UNSUPPORTED:
+        if config.get(option):
+            raise TaskvecError(f"{config_path}: {option} is set; taskvec computes plain LoRA deltas only "
+                               "(merge it with PEFT's merge_and_unload and pass the merged model)")
+    weights = directory / ADAPTER_SAFETENSORS
+    if weights.is_file():
+        tensors = read_header(weights).tensors
+    elif (directory / ADAPTER_TORCH).is_file():
+        from taskvec.io.torch_file import read_torch_file
+
+        tensors = read_torch_file(directory / ADAPTER_TORCH)
+    else:
+        raise TaskvecError(f"{directory}: {ADAPTER_CONFIG} but no {ADAPTER_SAFETENSORS}")
+    adapter = Adapter(config)
+    factors: dict[str, dict[str, TensorEntry]] = {}
+    for key, entry in tensors.items():
+        name = _module_name(key)
+        match = _LORA_KEY.fullmatch(name)
+        if match is None:
+            adapter.replaced[name] = entry
+            continue
+        module = match["module"] or match["emb"]
+        factor = (match["kind"] or match["ekind"])[-1]  # "A" or "B"
+        if entry.dtype not in ("F32", "F16", "BF16", "F64") or len(entry.shape) != 2:
+            raise TaskvecError(f"{entry.path}: tensor '{key}' is not a LoRA factor (dtype {entry.dtype}, "
+                               f"shape {list(entry.shape)})")
+        factors.setdefault(module, {})[factor] = entry
+        factors[module]["embedding"] = match["emb"] is not None
+    for module, parts in factors.items():
+        if "A" not in parts or "B" not in parts:
+            raise TaskvecError(f"{weights}: module '{module}' has lora_{'B' if 'A' in parts else 'A'} missing")
+        adapter.deltas[f"{module}.weight"] = _delta(config, config_path, module, parts)
+    return adapter
+
+
+def _module_name(key: str) -> str:
+    """PEFT's key -> the base model's name: no `base_model.model.` prefix, no `.base_layer`."""
+    key = key.removeprefix(PEFT_PREFIX)
+    return key.replace(".base_layer.", ".")
+
+
+def _delta(config: dict, where: Path, module: str, parts: dict) -> LoraDelta:
+    a, b = parts["A"], parts["B"]
+    rank = a.shape[0]
+    if b.shape[1] != rank:
+        raise TaskvecError(f"{b.path}: module '{module}': lora_B is {list(b.shape)}, lora_A {list(a.shape)}; "
+                           "their ranks differ (corrupt adapter)")
+    alpha = config.get("lora_alpha", 8)
+    pattern = _pattern_value(config.get("alpha_pattern") or {}, module)
+    alpha = pattern if pattern is not None else alpha
+    if not isinstance(alpha, (int, float)) or isinstance(alpha, bool) or rank == 0:
+        raise TaskvecError(f"{where}: lora_alpha {alpha!r} for module '{module}' is not a number")
+    scaling = alpha / (math.sqrt(rank) if config.get("use_rslora") else rank)
+    transpose = bool(parts["embedding"]) or bool(config.get("fan_in_fan_out"))
+    return LoraDelta(f"{module}.weight", a, b, float(scaling), transpose)
+
+
+def _pattern_value(patterns: dict, module: str):
+    """PEFT's rank/alpha pattern rule (peft.utils.other.get_pattern_key): a key matches a
+    module name that ends with it, as whole dotted components."""
+    for key, value in patterns.items():
+        if re.match(rf"(.*\.)?({key})$", module):
+            return value
+    return None
+
+
+class LoraSource:
+    """One module's fine-tuned weight, base + delta, read chunk by chunk as float32.
+
+    Only the rows of the delta that a chunk covers are computed, as a sum of rank-one terms in a
+    fixed order, so the values do not depend on where chunks start (BLAS would choose different
+    summation orders for different block sizes) and memory is the chunk plus the two factors.
+    """
+
+    dtype = "F32"
+
+    def __init__(self, base: TensorEntry, delta: LoraDelta) -> None:
+        if delta.shape != base.shape:
+            raise TaskvecError(
+                f"{delta.a.path}: LoRA module for '{base.name}' makes a {list(delta.shape)} update, but "
+                f"{base.path} has {list(base.shape)} (an adapter of another model?)"
+            )
+        self.base, self.delta = base, delta
+        self.name, self.shape, self.path = base.name, base.shape, delta.a.path
+        self._factors: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    @property
+    def numel(self) -> int:
+        return self.base.numel
+
+    def add_delta(self, files: FileReader, start: int, out: torch.Tensor) -> None:
+        """Add elements [start, start + len(out)) of the flattened delta to float32 `out`."""
+        left, right = self._left_right(files)
+        cols = right.shape[1]
+        first, last = start // cols, -(-(start + out.numel()) // cols)
+        block = torch.zeros(last - first, cols, dtype=torch.float32)
+        for k in range(left.shape[1]):
+            block.addcmul_(left[first:last, k:k + 1], right[k:k + 1])
+        block.mul_(self.delta.scaling)
+        out.add_(block.view(-1)[start - first * cols:][:out.numel()])
+
+    def _left_right(self, files: FileReader) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, A), or (A^T, B^T) where the weight is stored transposed, in float32."""
+        if self._factors is None:
+            a, b = (_read_whole(files, entry).float() for entry in (self.delta.a, self.delta.b))
+            self._factors = (a.T.contiguous(), b.T.contiguous()) if self.delta.transpose else (b, a)
+        return self._factors
+
+
+def _read_whole(files: FileReader, entry: TensorEntry) -> torch.Tensor:
+    raw = torch.empty(entry.nbytes, dtype=torch.uint8)
+    files.read_into(entry.path, entry.offset, memoryview(raw.numpy()))
+    return raw.view(DTYPES[entry.dtype]).view(entry.shape)
