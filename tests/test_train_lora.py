@@ -17,6 +17,8 @@ from taskvec.data import save_splits
 from taskvec.errors import TaskvecError
 from taskvec.train import MARKER, TrainConfig, cast_saved_weights, finetune, train_splits
 
+from helpers import load_dir
+
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 ZERO3 = EXAMPLES / "deepspeed" / "zero3-bf16.json"
 LORA = dict(FAST, lora_rank=4, lora_alpha=8.0)
@@ -298,3 +300,46 @@ def test_bad_settings_are_one_line(lora_run, base, tmp_path, monkeypatch, args, 
     assert result.output.startswith("Error: ") and result.output.count("\n") == 1, result.output
     assert message in result.output
     assert not (tmp_path / "out").exists()
+
+
+# --- LoRA splits -> taskvec merge ---------------------------------------------------------------------
+
+
+def test_merge_negates_the_mean_of_the_lora_task_vectors(lora_run, base):
+    from peft import PeftModel
+
+    runs, out, scale = lora_run / "runs", lora_run / "merged", 0.7
+    splits = [runs / "split-00", runs / "split-01"]
+    result = run("merge", "--base", base, "--scale", scale, "-o", out, *splits)
+    assert result.exit_code == 0, result.output
+    merged, base_weights = load_dir(out), load_dir(base)
+    assert merged.keys() == base_weights.keys()
+
+    # From the saved factors, in float64: delta = B A * alpha / r, transposed for GPT-2's Conv1D,
+    # whose weights are stored (in, out).
+    deltas = {name: torch.zeros_like(w, dtype=torch.float64) for name, w in base_weights.items()}
+    for split in splits:
+        config = json.loads((split / "adapter_config.json").read_text())
+        factors = load_file(split / "adapter_model.safetensors")
+        for key in (k for k in factors if ".lora_A." in k):
+            a, b = factors[key].double(), factors[key.replace(".lora_A.", ".lora_B.")].double()
+            delta = b @ a * config["lora_alpha"] / config["r"]
+            target = key.removeprefix("base_model.model.").replace(".lora_A.weight", ".weight")
+            deltas[target] += (delta.T if config["fan_in_fan_out"] else delta) / len(splits)
+    # PEFT's own route: merge_and_unload each adapter into the base, average the merged deltas.
+    peft_deltas = {name: torch.zeros_like(w, dtype=torch.float64) for name, w in base_weights.items()}
+    for split in splits:
+        model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), split).merge_and_unload()
+        state = model.state_dict()
+        for name in peft_deltas:
+            peft_deltas[name] += (state[name].double() - base_weights[name].double()) / len(splits)
+
+    assert max(d.abs().max().item() for d in deltas.values()) > 1e-4  # trained: a wrong delta would show
+    assert {n for n, d in deltas.items() if d.abs().max() > 0} == {f"transformer.h.{i}.attn.c_attn.weight"
+                                                                   for i in range(2)}
+    for name, value in merged.items():
+        expected = base_weights[name].double() - scale * deltas[name]
+        # float32 rounding of weights of magnitude <= 1 (the base, LayerNorm scales) is < 1e-7;
+        # a transposition, a missing alpha / r or a sum instead of a mean is off by > 1e-4.
+        assert torch.allclose(value.double(), expected, rtol=0, atol=1e-6), name
+        assert torch.allclose(deltas[name], peft_deltas[name], rtol=0, atol=1e-6), name
