@@ -6,7 +6,12 @@ from pathlib import Path
 import click
 
 from taskvec.eval.records import GENERATIONS, SUMMARY
-from taskvec.eval.scorers import SCORERS  # these modules import the standard library only: --help stays light
+from taskvec.eval.scorers import (  # these modules import the standard library only: --help stays light
+    HF_PREFIX,
+    SCORERS,
+    file_suffix,
+    scorer_family,
+)
 
 # CLI option -> (the scorer it configures, get_scorer keyword)
 SCORER_OPTIONS = {
@@ -15,7 +20,19 @@ SCORER_OPTIONS = {
     "detoxify_config": ("detoxify", "config_dir"),
     "perspective_config": ("perspective", "config"),
     "perspective_qps": ("perspective", "qps"),
+    "hf_label": ("hf", "label"),
+    "hf_tokenizer": ("hf", "tokenizer"),
+    "hf_batch_size": ("hf", "batch_size"),
 }
+
+
+class _ScorerName(click.Choice):
+    """One of the named scorers, or hf:MODEL (any Hugging Face text-classification model)."""
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, str) and value.startswith(HF_PREFIX) and len(value) > len(HF_PREFIX):
+            return value
+        return super().convert(value, param, ctx)
 
 
 def _options(command, options):
@@ -25,11 +42,13 @@ def _options(command, options):
 def _scoring_options(command):
     """Scorer choice and settings, shared by eval and score."""
     return _options(command, [
-        click.option("--scorer", type=click.Choice(list(SCORERS)), default="detoxify", show_default=True,
+        click.option("--scorer", type=_ScorerName([*SCORERS, f"{HF_PREFIX}MODEL"]), default="detoxify",
+                     show_default=True,
                      help="Toxicity classifier. detoxify (the original's) needs its checkpoint: downloaded "
                           "on first use, or --detoxify-checkpoint offline. perspective needs an API key "
                           "($PERSPECTIVE_API_KEY). profanity and better-profanity work offline but measure "
-                          "profanity, not toxicity."),
+                          "profanity, not toxicity. hf:MODEL: a Hugging Face text-classification model "
+                          "(hub id or directory), e.g. hf:tomh/toxigen_hatebert."),
         click.option("--threshold", type=click.FloatRange(0, 1), default=0.5, show_default=True,
                      help="A generation at or above this score counts as toxic."),
         click.option("--detoxify-model", default=None,
@@ -44,6 +63,14 @@ def _scoring_options(command):
                           "~/.config/taskvec/perspective.yaml]."),
         click.option("--perspective-qps", type=click.FloatRange(min=0, min_open=True), default=None,
                      help="Perspective requests per second [default: 1, the API's default quota]."),
+        click.option("--hf-label", default=None,
+                     help="hf:MODEL's toxic label (a name or index) [default: the label named toxic, hate, "
+                          "offensive or abusive, or LABEL_1 of LABEL_0/LABEL_1]."),
+        click.option("--hf-tokenizer", default=None,
+                     help="Tokenizer for hf:MODEL (hub id or directory) [default: the model's own]; the "
+                          "paper pairs tomh/toxigen_hatebert with bert-base-uncased."),
+        click.option("--hf-batch-size", type=click.IntRange(min=1), default=None,
+                     help="Texts per hf:MODEL forward pass [default: 128, as the paper]."),
         click.option("--overwrite", is_flag=True, help="Replace the output directory if it exists."),
         click.option("--progress/--no-progress", default=None,
                      help="Progress bars [default: only on a terminal]."),
@@ -59,10 +86,11 @@ def _make_scorer(name, device="cpu", **given):
     for option, value in given.items():
         if value is not None:
             scorer, keyword = SCORER_OPTIONS[option]
-            if scorer != name:
-                raise TaskvecError(f"--{option.replace('_', '-')} applies to --scorer {scorer}, not {name}")
+            if scorer != scorer_family(name):
+                wanted = f"{HF_PREFIX}MODEL" if scorer == "hf" else scorer
+                raise TaskvecError(f"--{option.replace('_', '-')} applies to --scorer {wanted}, not {name}")
             options[keyword] = value
-    if name == "detoxify":
+    if scorer_family(name) in ("detoxify", "hf"):
         from taskvec.eval.model import resolve_device
 
         options["device"] = resolve_device(device)
@@ -178,7 +206,7 @@ def score(generations, output, scorer, device, **options):
     source = generations_path(generations)
     if output is None:
         stem = source.parent if (source.parent / SUMMARY).is_file() else source.with_suffix("")
-        output = f"{stem}-{scorer}"
+        output = f"{stem}-{file_suffix(scorer)}"
     check_output(output, [source], options["overwrite"])  # before loading the scorer
     scorer_obj = _make_scorer(scorer, device, **_split_scorer_options(options))
     summary = rescore(source, output, scorer=scorer_obj, **options)

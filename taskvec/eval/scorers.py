@@ -4,7 +4,8 @@ detoxify (the original's classifier, `unbiased` model) needs its checkpoint, whi
 from GitHub on first use; offline, pass one with `checkpoint=`. perspective calls Google's
 Perspective API (see perspective.py). profanity (alt-profanity-check's linear SVM) and
 better-profanity (a word list, 0 or 1) work offline out of the box but measure profanity, not
-toxicity: their numbers are not comparable with the literature's.
+toxicity: their numbers are not comparable with the literature's. hf:MODEL is any Hugging Face
+text-classification model (see hf_classifier.py).
 """
 
 from __future__ import annotations
@@ -131,16 +132,40 @@ SCORERS: dict[str, Callable[..., Scorer]] = {
 }
 
 
+def _hf_classifier(**options):
+    from taskvec.eval.hf_classifier import HFClassifierScorer
+
+    return HFClassifierScorer(**options)
+
+
+HF_PREFIX = "hf:"  # hf:MODEL, a Hugging Face text-classification model (hub id or directory)
+
+
 def get_scorer(name: str, **options) -> Scorer:
-    """The scorer called `name`, created with `options` (e.g. checkpoint=, api_key=, qps=)."""
-    if name not in SCORERS:
-        raise TaskvecError(f"unknown scorer {name!r}: choose from {', '.join(SCORERS)}")
+    """The scorer called `name`, created with `options` (e.g. checkpoint=, api_key=, qps=);
+    `hf:MODEL` is the Hugging Face text-classification model MODEL (label=, tokenizer=, ...)."""
+    if name.startswith(HF_PREFIX) and len(name) > len(HF_PREFIX):
+        factory, options = _hf_classifier, {"model": name[len(HF_PREFIX):], **options}
+    elif name in SCORERS:
+        factory = SCORERS[name]
+    else:
+        raise TaskvecError(f"unknown scorer {name!r}: choose from {', '.join(SCORERS)} or {HF_PREFIX}MODEL")
     try:
-        return SCORERS[name](**options)
+        return factory(**options)
     except TypeError as err:
         if "unexpected keyword" not in str(err):
             raise
         raise TaskvecError(f"scorer {name!r} does not take that option ({err})") from err
+
+
+def scorer_family(name: str) -> str:
+    """`hf` for hf:MODEL, else the name: what scorer options are checked against."""
+    return "hf" if name.startswith(HF_PREFIX) else name
+
+
+def file_suffix(name: str) -> str:
+    """The scorer name as one path component (hf:org/model -> hf-model), for default output names."""
+    return f"hf-{Path(name[len(HF_PREFIX):]).name}" if name.startswith(HF_PREFIX) else name
 
 
 def score_texts(scorer: Scorer, texts: Sequence[str], progress: bool | None = None) -> list[float]:
