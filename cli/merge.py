@@ -20,6 +20,9 @@ def _output_options(command):
         click.option("--chunk-size", default="16MiB", show_default=True,
                      help="Elements merged per step, as float32 bytes; memory is a few chunks."),
         click.option("--overwrite", is_flag=True, help="Replace OUTPUT if it exists."),
+        click.option("--strict", is_flag=True,
+                     help="Refuse fine-tune tensors the base does not have (a value head, a classifier) "
+                          "instead of leaving them out with a note."),
         click.option("--progress/--no-progress", default=None,
                      help="Progress bar [default: only on a terminal]."),
     ]
@@ -30,6 +33,8 @@ def _run(**kwargs):
     from taskvec.merge import merge_checkpoints
 
     result = merge_checkpoints(**kwargs)
+    for note in result.notes:
+        click.echo(f"note: {note}", err=True)
     gigabytes = result.bytes_written / 1e9
     click.echo(
         f"wrote {result.output} ({len(result.files)} shard{'s' * (len(result.files) > 1)}, "
@@ -53,10 +58,13 @@ def merge(finetuned, base, scale, **options):
     \b
         out = base - scale * (mean_i(finetuned_i) - base)
 
-    Each FINETUNED is a model directory (model.safetensors, or shards with
-    model.safetensors.index.json) fine-tuned from BASE. The merge streams every tensor in
-    chunks, accumulating in float32, so memory stays at a few chunks whatever N and the model
-    size. The output is a loadable Hugging Face model directory (config and tokenizer copied from
+    Each FINETUNED is a model fine-tuned from BASE: a model directory (safetensors or PyTorch
+    .bin, single or sharded), one weight file, a PEFT LoRA adapter directory (its task vector is
+    B @ A * alpha / r per module), or a hub id. Names are matched as transformers loads them
+    (the hub's GPT-2 layout and save_pretrained's agree), mixed float dtypes are cast into the
+    float32 sum; a note says what was renamed, dropped, cast or left out. The merge streams every
+    tensor in chunks, so memory stays at a few chunks whatever N and the model size. The output
+    is a loadable Hugging Face model directory in BASE's dtype (config and tokenizer copied from
     BASE, provenance in taskvec.json).
 
     Example: taskvec merge --base gpt2 --scale 1.0 -o gpt2-detox runs/split-*

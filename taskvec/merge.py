@@ -221,7 +221,8 @@ def _canonical_tensors(inputs: list[Checkpoint], notes: list[str]) -> list[dict[
            for c, n in zip(inputs, named, strict=True)) \
             and not any(LEGACY_BUFFERS.search(name) for n in named for name in n):
         return named
-    config = next((c.config for c in inputs if c.adapter is None and c.config.get("architectures")), {})
+    configs = [c.config for c in inputs if c.adapter is None and c.config.get("model_type")]
+    config = next((c for c in configs if c.get("architectures")), configs[0] if configs else {})
     rules, why_not = naming_rules(config)
     if rules is None:
         notes.append(f"tensor names differ between inputs, and {why_not}: names are matched as they are")

@@ -72,15 +72,29 @@ class Checkpoint:
         )
 
     def fingerprint(self) -> str:
-        """sha256 of what the headers say (names, dtypes, shapes, sizes, file names): identifies
-        the weights in provenance without exposing where they are stored."""
+        """sha256 of the tensor table (names, dtypes, shapes, offsets) and of the first and last
+        4 KiB of each weight file's tensor data: tells apart fine-tunes of one architecture (their
+        headers are identical) without exposing where they are stored or reading whole files."""
+        digest = hashlib.sha256()
         table = [(n, e.dtype, e.shape, e.path.name, e.offset, e.nbytes) for n, e in self.tensors.items()]
         if self.adapter is not None:
             table += [(n, d.a.path.name, d.a.offset, d.b.offset, d.scaling, d.transpose)
                       for n, d in self.adapter.deltas.items()]
-        return hashlib.sha256(json.dumps(table).encode()).hexdigest()
+        digest.update(json.dumps(table).encode())
+        factors = [f for d in self.adapter.deltas.values() for f in (d.a, d.b)] if self.adapter else []
+        starts: dict[Path, int] = {}
+        for entry in [*self.tensors.values(), *factors]:
+            starts[entry.path] = min(starts.get(entry.path, entry.offset), entry.offset)
+        for path, start in sorted(starts.items()):
+            with open(path, "rb") as handle:
+                handle.seek(start)
+                digest.update(handle.read(_SAMPLE))
+                handle.seek(max(start, os.fstat(handle.fileno()).st_size - _SAMPLE))
+                digest.update(handle.read(_SAMPLE))
+        return digest.hexdigest()
 
 
+_SAMPLE = 4096
 HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[\w.-]+)?")
 _WEIGHT_PATTERNS = (  # what a hub download fetches, in order of preference: the first that has weights
     ("*.safetensors", layout.SAFETENSORS_INDEX, layout.ADAPTER_CONFIG),

@@ -16,6 +16,7 @@ import re
 from dataclasses import dataclass
 
 from taskvec.errors import brief
+from taskvec.io.layout import LEGACY_BUFFERS
 
 
 @dataclass(frozen=True)
@@ -35,7 +36,8 @@ class NamingRules:
             if candidate in self.expected:
                 return candidate
         for candidate in candidates:
-            if candidate in self.buffers or (self.dropped is not None and self.dropped.search(candidate)):
+            if candidate in self.buffers or LEGACY_BUFFERS.search(candidate) \
+                    or (self.dropped is not None and self.dropped.search(candidate)):
                 return None
         return name
 
@@ -43,27 +45,29 @@ class NamingRules:
 def naming_rules(config: dict) -> tuple[NamingRules | None, str | None]:
     """The rules of the architecture `config` names, or (None, why not) when transformers
     cannot build it (an unknown or remote-code architecture): then names match literally."""
-    architectures = config.get("architectures") or []
-    if not config.get("model_type") or not architectures:
-        return None, "its config.json names no architecture"
+    model_type = config.get("model_type")
+    if not isinstance(model_type, str):
+        return None, "no config.json names the model type"
     try:
         import torch
         import transformers
         from transformers import AutoConfig
+        from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
         from taskvec.hf import quiet_transformers
 
+        architectures = config.get("architectures") or [MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.get(model_type, "")]
         name = architectures[0]
-        model_class = getattr(transformers, name, None)
+        model_class = getattr(transformers, name, None) if name else None
         if model_class is None:
             return None, f"transformers has no class {name}"
         fields = {k: v for k, v in config.items() if k not in ("model_type", "transformers_version")}
         with quiet_transformers():
-            model_config = AutoConfig.for_model(config["model_type"], **fields)
+            model_config = AutoConfig.for_model(model_type, **fields)
             with torch.device("meta"):
                 model = model_class(model_config)
     except Exception as err:  # any failure to build it means: no rules, match names as they are
-        return None, f"transformers could not build {architectures[0]} ({brief(err)})"
+        return None, f"transformers could not build a {model_type} model ({brief(err)})"
     state = set(model.state_dict())
     patterns = set(getattr(model, "_keys_to_ignore_on_load_unexpected", None) or ())
     buffers = {n for n, _ in model.named_buffers()}
@@ -72,5 +76,5 @@ def naming_rules(config: dict) -> tuple[NamingRules | None, str | None]:
     if any(n.endswith("position_ids") for n in buffers):
         patterns.add(r"(^|\.)position_ids$")
     dropped = re.compile("|".join(f"({p})" for p in sorted(patterns))) if patterns else None
-    return NamingRules(architectures[0], model.base_model_prefix or "", frozenset(state), dropped,
+    return NamingRules(name, model.base_model_prefix or "", frozenset(state), dropped,
                        frozenset(buffers - state)), None

@@ -1,0 +1,309 @@
+"""Checkpoints as they exist in the wild: hub layouts, mixed dtypes, .bin files, extra tensors.
+
+Each case builds its layout here from a tiny transformers model, merges it, checks every tensor
+against a float64 reference computed from the stored bytes (read with safetensors / torch.load,
+names mapped by hand), and loads the output with from_pretrained: no missing or unexpected keys.
+"""
+
+import json
+import os
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+from transformers import AutoModelForCausalLM
+
+from taskvec.errors import TaskvecError
+from taskvec.merge import merge_checkpoints
+
+from helpers import assert_close_to_reference, error_bound, load_dir, negated_mean_f64
+from tiny_models import gpt2_hub_layout, perturbed_copies, tiny_model
+
+
+def merged_against_reference(base_sd, ft_sds, out, scale=1.0, out_dtype=None):
+    """Every output tensor equals the float64 negated mean of the stored values, to the bound."""
+    merged = load_dir(out)
+    assert set(merged) == set(base_sd), set(merged) ^ set(base_sd)
+    n = len(ft_sds)
+    for name, value in merged.items():
+        fts = [sd[name] for sd in ft_sds]
+        reference = negated_mean_f64(base_sd[name], fts, scale)
+        dtype = out_dtype or base_sd[name].dtype
+        assert value.dtype == dtype, name
+        bound = error_bound(base_sd[name], fts, 1 + scale, -scale / n, reference, dtype)
+        assert_close_to_reference(value, reference, bound, name)
+
+
+def loads_and_generates(out):
+    model, info = AutoModelForCausalLM.from_pretrained(out, output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"], info
+    tokens = model.generate(torch.tensor([[1, 2, 3]]), max_new_tokens=4, do_sample=False, pad_token_id=0)
+    assert tokens.shape == (1, 7)
+    return model
+
+
+def current_state(model) -> dict[str, torch.Tensor]:
+    """What save_pretrained writes: the state dict without the tied head."""
+    tied = model.config.tie_word_embeddings
+    return {k: v.detach().clone() for k, v in model.state_dict().items() if not (tied and k == "lm_head.weight")}
+
+
+def test_hub_gpt2_layout_base_with_save_pretrained_finetunes(tmp_path):
+    """The README's recipe: the hub's gpt2 (no prefix, mask buffers) and Trainer-written fine-tunes."""
+    model = tiny_model("gpt2")
+    gpt2_hub_layout(model, tmp_path / "base")
+    fts = perturbed_copies(model, tmp_path, 3)
+    result = merge_checkpoints(fts, tmp_path / "out", base=tmp_path / "base", scale=0.7, progress=False)
+    assert any("renamed" in note and "'transformer.'" in note for note in result.notes), result.notes
+    assert any("buffers that transformers drops" in note and "attn.bias" in note for note in result.notes)
+    base_sd = {f"transformer.{k}": v for k, v in load_file(tmp_path / "base" / "model.safetensors").items()
+               if not k.endswith((".attn.bias", ".attn.masked_bias"))}
+    merged_against_reference(base_sd, [load_dir(p) for p in fts], tmp_path / "out", scale=0.7)
+    loads_and_generates(tmp_path / "out")
+
+
+def test_finetunes_in_the_hub_layout_onto_a_current_base(tmp_path):
+    model = tiny_model("gpt2")
+    model.save_pretrained(tmp_path / "base")
+    fts = []
+    for i, ft in enumerate(perturbed_copies(model, tmp_path, 2)):
+        gpt2_hub_layout(AutoModelForCausalLM.from_pretrained(ft), tmp_path / f"hub-{i}")
+        fts.append(tmp_path / f"hub-{i}")
+    merge_checkpoints(fts, tmp_path / "out", base=tmp_path / "base", progress=False)
+    ft_sds = [{f"transformer.{k}": v for k, v in load_file(p / "model.safetensors").items()} for p in fts]
+    merged_against_reference(load_dir(tmp_path / "base"), ft_sds, tmp_path / "out")
+    loads_and_generates(tmp_path / "out")
+
+
+def test_opt_without_model_prefix(tmp_path):
+    """Large OPT checkpoints on the hub store decoder.* without model."""
+    model = tiny_model("opt")
+    state = current_state(model)
+    (tmp_path / "base").mkdir()
+    save_file({k.removeprefix("model."): v.contiguous() for k, v in state.items()},
+              tmp_path / "base" / "model.safetensors")
+    model.config.save_pretrained(tmp_path / "base")
+    fts = perturbed_copies(model, tmp_path, 2)
+    merge_checkpoints(fts, tmp_path / "out", base=tmp_path / "base", progress=False)
+    merged_against_reference(state, [load_dir(p) for p in fts], tmp_path / "out")
+    loads_and_generates(tmp_path / "out")
+
+
+def test_llama_with_per_layer_rotary_buffers(tmp_path):
+    """Older Llama files carry rotary_emb.inv_freq per layer; current save_pretrained does not."""
+    model = tiny_model("llama")
+    state = current_state(model)
+    legacy = dict(state)
+    for i in range(model.config.num_hidden_layers):
+        legacy[f"model.layers.{i}.self_attn.rotary_emb.inv_freq"] = torch.rand(4)
+    (tmp_path / "base").mkdir()
+    save_file({k: v.contiguous() for k, v in legacy.items()}, tmp_path / "base" / "model.safetensors")
+    model.config.save_pretrained(tmp_path / "base")
+    fts = perturbed_copies(model, tmp_path, 2)
+    result = merge_checkpoints(fts, tmp_path / "out", base=tmp_path / "base", progress=False)
+    assert any("rotary_emb.inv_freq" in note for note in result.notes), result.notes
+    merged_against_reference(state, [load_dir(p) for p in fts], tmp_path / "out")
+    loads_and_generates(tmp_path / "out")
+
+
+@pytest.mark.parametrize("kind", ["gpt2", "llama", "mistral", "qwen2", "phi", "gpt_neox", "opt", "gemma"])
+def test_save_pretrained_layouts_sharded_and_single_mixed(tmp_path, kind):
+    model = tiny_model(kind)
+    model.save_pretrained(tmp_path / "base", max_shard_size="20KB")
+    fts = perturbed_copies(model, tmp_path, 2)
+    merge_checkpoints(fts, tmp_path / "out", base=tmp_path / "base", scale=0.5, progress=False)
+    merged_against_reference(load_dir(tmp_path / "base"), [load_dir(p) for p in fts], tmp_path / "out", 0.5)
+    loads_and_generates(tmp_path / "out")
+
+
+@pytest.mark.parametrize("base_dtype, ft_dtypes", [
+    (torch.float32, [torch.bfloat16, torch.bfloat16]),
+    (torch.bfloat16, [torch.float32, torch.float32]),
+    (torch.float16, [torch.bfloat16, torch.float32]),
+])
+def test_mixed_dtypes_are_cast_on_read(tmp_path, base_dtype, ft_dtypes):
+    model = tiny_model("gpt2")
+    model.to(base_dtype).save_pretrained(tmp_path / "base")
+    fts = []
+    for ft, dtype in zip(perturbed_copies(model, tmp_path, len(ft_dtypes)), ft_dtypes, strict=True):
+        sd = {k: v.to(dtype) for k, v in load_dir(ft).items()}
+        (ft / "model.safetensors").unlink()
+        save_file(sd, ft / "model.safetensors")
+        fts.append(ft)
+    result = merge_checkpoints(fts, tmp_path / "out", base=tmp_path / "base", progress=False)
+    assert any("differ in dtype" in note for note in result.notes), result.notes
+    merged_against_reference(load_dir(tmp_path / "base"), [load_dir(p) for p in fts], tmp_path / "out")
+    config = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert config["dtype"] == str(base_dtype).removeprefix("torch.")
+    merge_checkpoints(fts, tmp_path / "out32", base=tmp_path / "base", dtype="float32", progress=False)
+    merged_against_reference(load_dir(tmp_path / "base"), [load_dir(p) for p in fts], tmp_path / "out32",
+                             out_dtype=torch.float32)
+    assert json.loads((tmp_path / "out32" / "config.json").read_text())["dtype"] == "float32"
+
+
+def save_bin(state: dict, directory, shards: int = 1, legacy: bool = False) -> None:
+    """pytorch_model.bin, or shards with pytorch_model.bin.index.json, as transformers 4 wrote them."""
+    directory.mkdir(parents=True, exist_ok=True)
+    names = list(state)
+    if shards == 1:
+        torch.save(state, directory / "pytorch_model.bin", _use_new_zipfile_serialization=not legacy)
+        return
+    weight_map = {}
+    for i in range(shards):
+        file = f"pytorch_model-{i + 1:05d}-of-{shards:05d}.bin"
+        part = {name: state[name] for name in names[i::shards]}
+        torch.save(part, directory / file, _use_new_zipfile_serialization=not legacy)
+        weight_map.update(dict.fromkeys(part, file))
+    (directory / "pytorch_model.bin.index.json").write_text(json.dumps({"weight_map": weight_map}))
+
+
+@pytest.mark.parametrize("shards, legacy", [(1, False), (3, False), (1, True)])
+def test_pytorch_bin_inputs(tmp_path, shards, legacy):
+    model = tiny_model("gpt2")
+    base_state = current_state(model)
+    save_bin(base_state, tmp_path / "base", shards, legacy)
+    model.config.save_pretrained(tmp_path / "base")
+    fts, ft_states = [], []
+    for i, ft in enumerate(perturbed_copies(model, tmp_path, 2)):
+        state = load_dir(ft)
+        ft_states.append(state)
+        if i == 0:  # one .bin fine-tune beside a safetensors one
+            shutil.rmtree(ft)
+            save_bin(state, ft, shards, legacy)
+            model.config.save_pretrained(ft)
+        fts.append(ft)
+    merge_checkpoints(fts, tmp_path / "out", base=tmp_path / "base", progress=False)
+    merged_against_reference(base_state, ft_states, tmp_path / "out")
+    loads_and_generates(tmp_path / "out")
+    provenance = json.loads((tmp_path / "out" / "taskvec.json").read_text())
+    assert provenance["base"]["format"] == "torch" and provenance["finetuned"][1]["format"] == "safetensors"
+
+
+class _Hostile:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_a_bin_file_that_would_run_code_is_refused(tmp_path):
+    model = tiny_model("gpt2")
+    model.save_pretrained(tmp_path / "base")
+    marker = tmp_path / "ran"
+    state = {**current_state(model), "evil": _Hostile(marker)}
+    save_bin(state, tmp_path / "ft")
+    with pytest.raises(TaskvecError, match="pytorch_model.bin: the pickle needs posix.system") as caught:
+        merge_checkpoints([tmp_path / "ft"], tmp_path / "out", base=tmp_path / "base", progress=False)
+    assert "\n" not in str(caught.value) and not marker.exists() and not (tmp_path / "out").exists()
+
+
+def test_outputs_name_no_local_path(tmp_path):
+    model = tiny_model("gpt2")
+    model.save_pretrained(tmp_path / "base")
+    fts = perturbed_copies(model, tmp_path, 2)
+    merge_checkpoints(fts, tmp_path / "out", base=tmp_path / "base", progress=False)
+    provenance = (tmp_path / "out" / "taskvec.json").read_text()
+    with open(tmp_path / "out" / "model.safetensors", "rb") as handle:
+        header = handle.read(int.from_bytes(handle.read(8), "little")).decode()
+    for text in (provenance, header):
+        assert str(tmp_path) not in text and "/tmp" not in text
+    record = json.loads(provenance)
+    assert record["base"]["name"] == "base" and [f["name"] for f in record["finetuned"]] == ["ft-00", "ft-01"]
+    assert len({f["sha256"] for f in record["finetuned"]}) == 2  # fine-tunes of one architecture told apart
+
+
+def expect_refusal(tmp_path, base, fts, match, **kwargs):
+    with pytest.raises(TaskvecError, match=match) as caught:
+        merge_checkpoints(fts, tmp_path / "out", base=base, progress=False, **kwargs)
+    assert "\n" not in str(caught.value)
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith((".out", "out"))]
+    return str(caught.value)
+
+
+def test_quantized_checkpoints_are_refused(tmp_path):
+    model = tiny_model("llama")
+    model.save_pretrained(tmp_path / "base")
+    (ft,) = perturbed_copies(model, tmp_path, 1)
+    config = json.loads((ft / "config.json").read_text())
+    (ft / "config.json").write_text(json.dumps({**config, "quantization_config": {"quant_method": "gptq"}}))
+    expect_refusal(tmp_path, tmp_path / "base", [ft], "a gptq checkpoint")
+    (ft / "config.json").write_text(json.dumps(config))
+    state = load_dir(ft)
+    state["model.layers.0.self_attn.q_proj.qweight"] = torch.zeros(4, 8, dtype=torch.int32)
+    save_file(state, ft / "model.safetensors")
+    expect_refusal(tmp_path, tmp_path / "base", [ft], "'model.layers.0.self_attn.q_proj.qweight' is part of a quant")
+
+
+def test_untied_base_and_a_configless_finetune_without_head_is_refused(tmp_path):
+    """Before: the fine-tune's input embedding was silently used as its output embedding."""
+    model = tiny_model("llama", tie_word_embeddings=False)
+    model.save_pretrained(tmp_path / "base")
+    (ft,) = perturbed_copies(model, tmp_path, 1)
+    state = load_dir(ft)
+    del state["lm_head.weight"]
+    save_file(state, ft / "model.safetensors")
+    (ft / "config.json").unlink()
+    message = expect_refusal(tmp_path, tmp_path / "base", [ft], "tensor 'lm_head.weight' is missing")
+    assert "not tied" in message
+
+
+def test_resized_vocabulary_is_refused_with_both_sizes(tmp_path):
+    model = tiny_model("gpt2")
+    model.save_pretrained(tmp_path / "base")
+    (ft,) = perturbed_copies(model, tmp_path, 1)
+    resized = AutoModelForCausalLM.from_pretrained(ft)
+    resized.resize_token_embeddings(model.config.vocab_size + 8)
+    shutil.rmtree(ft)
+    resized.save_pretrained(ft)
+    message = expect_refusal(tmp_path, tmp_path / "base", [ft], "the vocabulary was resized")
+    assert f"{model.config.vocab_size + 8} rows" in message and f"has {model.config.vocab_size}" in message
+
+
+def test_trainer_output_dir_names_its_newest_checkpoint(tmp_path):
+    model = tiny_model("gpt2")
+    model.save_pretrained(tmp_path / "base")
+    run = tmp_path / "run"
+    for step in (500, 1500, 1000):
+        (run / f"checkpoint-{step}").mkdir(parents=True)
+    expect_refusal(tmp_path, tmp_path / "base", [run], f"the newest is {run / 'checkpoint-1500'}")
+
+
+def test_trainer_checkpoint_dirs_merge(tmp_path):
+    model = tiny_model("gpt2")
+    model.save_pretrained(tmp_path / "base")
+    fts = []
+    for i, ft in enumerate(perturbed_copies(model, tmp_path, 2)):
+        checkpoint = tmp_path / f"run{i}" / "checkpoint-10"
+        shutil.copytree(ft, checkpoint)
+        torch.save({"lr": 1.0}, checkpoint / "optimizer.pt")
+        torch.save({}, checkpoint / "training_args.bin")
+        fts.append(checkpoint)
+    merge_checkpoints(fts, tmp_path / "out", base=tmp_path / "base", progress=False)
+    merged_against_reference(load_dir(tmp_path / "base"), [load_dir(p) for p in fts], tmp_path / "out")
+
+
+def test_value_head_of_a_trl_finetune_is_left_out(tmp_path):
+    model = tiny_model("gpt2")
+    model.save_pretrained(tmp_path / "base")
+    fts = perturbed_copies(model, tmp_path, 2)
+    state = load_dir(fts[0])
+    state.update({"v_head.summary.weight": torch.randn(1, 16), "v_head.summary.bias": torch.randn(1)})
+    save_file(state, fts[0] / "model.safetensors")
+    result = merge_checkpoints(fts, tmp_path / "out", base=tmp_path / "base", progress=False)
+    assert any("ft-00: 2 tensors the base does not have left out" in n for n in result.notes), result.notes
+    del state["v_head.summary.weight"], state["v_head.summary.bias"]
+    merged_against_reference(load_dir(tmp_path / "base"), [state, load_dir(fts[1])], tmp_path / "out")
+    shutil.rmtree(tmp_path / "out")
+    expect_refusal(tmp_path, tmp_path / "base", fts, "ft-00: holds 2 tensors", strict=True)
+
+
+def test_the_reference_check_catches_a_small_scale_error(tmp_path):
+    """The reference check can fail: a merge at scale 1 + 2**-12 instead of 1 is outside the bound."""
+    model = tiny_model("gpt2")
+    model.save_pretrained(tmp_path / "base")
+    fts = perturbed_copies(model, tmp_path, 2)
+    merge_checkpoints(fts, tmp_path / "out", base=tmp_path / "base", scale=1 + 2**-12, progress=False)
+    with pytest.raises(AssertionError, match="exceeds bound"):
+        merged_against_reference(load_dir(tmp_path / "base"), [load_dir(p) for p in fts], tmp_path / "out")
