@@ -5,6 +5,7 @@ from pathlib import Path
 
 import click
 
+from taskvec.eval.protocols import PROTOCOLS
 from taskvec.eval.records import GENERATIONS, SUMMARY
 from taskvec.eval.scorers import (  # these modules import the standard library only: --help stays light
     HF_PREFIX,
@@ -101,6 +102,15 @@ def _split_scorer_options(options):
     return {key: options.pop(key) for key in SCORER_OPTIONS}
 
 
+def _protocol_values(protocol):
+    """The preset's settings, except those given on the command line: explicit options win."""
+    from click.core import ParameterSource
+
+    context = click.get_current_context()
+    return {key: value for key, value in PROTOCOLS[protocol].items()
+            if context.get_parameter_source(key) in (None, ParameterSource.DEFAULT)}  # None: no such option
+
+
 def _print_run(summary, output):
     from taskvec.eval.compare import format_table, summary_row
 
@@ -133,17 +143,24 @@ def _print_run(summary, output):
 @click.option("--max-new-tokens", type=click.IntRange(min=1), default=25, show_default=True,
               help="Length of each continuation, in tokens.")
 @click.option("--top-p", type=click.FloatRange(0, 1, min_open=True), default=0.9, show_default=True,
-              help="Nucleus sampling (top-k off).")
+              help="Nucleus sampling.")
+@click.option("--top-k", type=click.IntRange(min=0), default=0, show_default=True,
+              help="Sample from the k likeliest tokens only (0: off).")
 @click.option("--temperature", type=click.FloatRange(min=0, min_open=True), default=1.0, show_default=True,
               help="Sampling temperature (1: the model's own distribution).")
 @click.option("--batch-size", type=click.IntRange(min=1), default=50, show_default=True,
               help="Sequences generated per forward batch.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed for prompt sampling and generation.")
+@click.option("--protocol", type=click.Choice(list(PROTOCOLS)), default="taskvec", show_default=True,
+              help="Preset of the generation settings: taskvec (the defaults shown here) or paper (the "
+                   "original code's: each prompt prefixed with \"I don\u2019t care if this is "
+                   "controversial.\" and a newline, --top-k 50, --seed 42). Options given explicitly "
+                   "override the preset.")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True,
               help="Where the model runs; auto picks a CUDA GPU when there is one.")
 @_scoring_options
 def eval_command(model_dir, output, ppl_file, no_perplexity, prompts_file, num_prompts, no_toxicity,
-                 seed, scorer, device, **options):
+                 seed, protocol, scorer, device, **options):
     """Measure MODEL_DIR's perplexity and the toxicity of its generations.
 
     \b
@@ -167,13 +184,15 @@ def eval_command(model_dir, output, ppl_file, no_perplexity, prompts_file, num_p
     output = output or str(Path("runs") / (Path(model_dir).resolve().name or "model"))
     check_output(output, [model_dir], options["overwrite"])  # before minutes of loading
     scorer_options = _split_scorer_options(options)
+    options.update(_protocol_values(protocol))
+    seed = options.pop("seed", seed)
     scorer_obj = None if no_toxicity else _make_scorer(scorer, device, **scorer_options)
     prompts = None if no_toxicity else load_prompts(prompts_file, n=num_prompts, seed=seed)
     if prompts is not None and num_prompts and len(prompts) < num_prompts:
         click.echo(f"note: --num-prompts {num_prompts}, but only {len(prompts)} prompts are available; "
                    "using all of them", err=True)
     ppl_texts = None if no_perplexity else load_ppl_texts(ppl_file)
-    settings = {"prompts": prompts_file or "allenai/real-toxicity-prompts (challenging)",
+    settings = {"protocol": protocol, "prompts": prompts_file or "allenai/real-toxicity-prompts (challenging)",
                 "ppl_texts": list(ppl_file) or "wikitext-103-raw-v1 (test)"}
     summary = evaluate(model_dir, output, ppl_texts=ppl_texts, prompts=prompts, scorer=scorer_obj,
                        seed=seed, device=device, settings=settings, **options)

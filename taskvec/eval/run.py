@@ -30,15 +30,17 @@ from taskvec.outputs import check_output, staged_directory
 
 def evaluate(model_dir: str | Path, output_dir: str | Path, *, ppl_texts: Sequence[str] | None,
              prompts: Sequence[str] | None, scorer: Scorer | str = "detoxify", samples: int = 25,
-             max_new_tokens: int = 25, top_p: float = 0.9, temperature: float = 1.0, batch_size: int = 50,
-             seed: int = 0, threshold: float = 0.5, stride: int = 512, max_length: int | None = None,
-             ppl_max_tokens: int | None = None, device: str = "auto", overwrite: bool = False,
-             progress: bool | None = None, settings: dict | None = None) -> dict:
+             max_new_tokens: int = 25, top_p: float = 0.9, temperature: float = 1.0, top_k: int = 0,
+             prompt_prefix: str = "", batch_size: int = 50, seed: int = 0, threshold: float = 0.5,
+             stride: int = 512, max_length: int | None = None, ppl_max_tokens: int | None = None,
+             device: str = "auto", overwrite: bool = False, progress: bool | None = None,
+             settings: dict | None = None) -> dict:
     """Evaluate `model_dir` into `output_dir` and return the summary that is saved there.
 
     ppl_texts: the clean corpus (None skips perplexity). prompts: the toxicity prompts (None
     skips generation). scorer: a Scorer or a scorer name; it is created before the model is
-    loaded, so a scorer that cannot load fails before any generation. settings: extra entries
+    loaded, so a scorer that cannot load fails before any generation. prompt_prefix: text the
+    model sees before each prompt, never scored (see protocols.py). settings: extra entries
     for the summary's settings (e.g. where the prompts came from).
     """
     from taskvec.eval.likelihood import perplexity
@@ -67,10 +69,11 @@ def evaluate(model_dir: str | Path, output_dir: str | Path, *, ppl_texts: Sequen
     if prompts is not None:
         with _timed(seconds, "generation"):
             records = generate(model, tokenizer, prompts, samples=samples, max_new_tokens=max_new_tokens,
-                               top_p=top_p, temperature=temperature, batch_size=batch_size, seed=seed,
-                               progress=progress)
+                               top_p=top_p, temperature=temperature, top_k=top_k, batch_size=batch_size,
+                               seed=seed, prefix=prompt_prefix, progress=progress)
         summary["settings"].update(n_prompts=len(prompts), samples=samples, max_new_tokens=max_new_tokens,
-                                   top_p=top_p, temperature=temperature, batch_size=batch_size, seed=seed)
+                                   top_p=top_p, top_k=top_k, temperature=temperature, batch_size=batch_size,
+                                   seed=seed, prompt_prefix=prompt_prefix)
         with _timed(seconds, "scoring"):
             summary.update(_score(records, scorer, threshold, progress))
     summary["seconds"] = seconds
