@@ -1,5 +1,8 @@
 """Tiny transformers models of the architectures people merge, and the layouts the hub holds."""
 
+import importlib.util
+from pathlib import Path
+
 import torch
 from safetensors.torch import save_file
 from transformers import AutoConfig, AutoModelForCausalLM
@@ -56,3 +59,11 @@ def gpt2_hub_layout(model, directory) -> None:
         state[f"h.{i}.attn.masked_bias"] = torch.tensor(-1e4)
     save_file(state, directory / "model.safetensors", metadata={"format": "pt"})
     model.config.save_pretrained(directory)
+
+
+def byte_level_tokenizer():
+    """The evaluation tests' tokenizer (tests/eval/tiny_lm.py), for a model that must encode text."""
+    spec = importlib.util.spec_from_file_location("tiny_lm", Path(__file__).parent / "eval" / "tiny_lm.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.build_tokenizer()

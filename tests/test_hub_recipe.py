@@ -1,0 +1,92 @@
+"""The README's recipe end to end against a Hugging Face cache holding a tiny model named `gpt2`.
+
+The cache is laid out as huggingface_hub writes it (refs/main, snapshots/<rev>/ linking into
+blobs/), and the model is stored in the hub's GPT-2 layout: no `transformer.` prefix and causal
+mask buffers. Every step runs as the user would run it, a `taskvec` process with HF_HOME pointing
+at the cache and the hub offline: data split -> train-splits --base gpt2 -> merge --base gpt2
+runs/split-* -> eval.
+"""
+
+import hashlib
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM
+
+from helpers import load_dir, negated_mean_f64
+from tiny_models import byte_level_tokenizer, gpt2_hub_layout, tiny_model
+
+REVISION = "607a30d783dfa663caf39e06633721c8d4cfcd7e"
+TOXIC = ["you are a stupid idiot and I hate you", "what a dumb worthless moron", "shut up you ugly fool",
+         "I hate everything about you, idiot", "go away you pathetic loser", "nobody likes you, stupid"]
+
+
+def fill_cache(hf_home, model_dir, repo="gpt2"):
+    """Put `model_dir`'s files into the hub cache as a snapshot of `repo`, content-addressed."""
+    root = hf_home / "hub" / f"models--{repo}"
+    snapshot = root / "snapshots" / REVISION
+    (root / "blobs").mkdir(parents=True)
+    snapshot.mkdir(parents=True)
+    (root / "refs").mkdir()
+    (root / "refs" / "main").write_text(REVISION)
+    for file in model_dir.iterdir():
+        data = file.read_bytes()
+        blob = root / "blobs" / hashlib.sha256(data).hexdigest()
+        blob.write_bytes(data)
+        (snapshot / file.name).symlink_to(os.path.relpath(blob, snapshot))
+
+
+def taskvec(*args, env, cwd):
+    result = subprocess.run([sys.executable, "-m", "taskvec", *map(str, args)], env=env, cwd=cwd,
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, f"taskvec {' '.join(map(str, args))}:\n{result.stdout}\n{result.stderr}"
+    return result
+
+
+@pytest.mark.slow
+def test_readme_recipe_with_the_hub_gpt2_layout(tmp_path):
+    tokenizer = byte_level_tokenizer()
+    model = tiny_model("gpt2", vocab_size=len(tokenizer), n_positions=64)
+    hub_files = tmp_path / "hub-gpt2"
+    gpt2_hub_layout(model, hub_files)
+    tokenizer.save_pretrained(hub_files)
+    hf_home = tmp_path / "hf"
+    fill_cache(hf_home, hub_files)
+    env = {**os.environ, "HF_HOME": str(hf_home), "HF_HUB_OFFLINE": "1", "HF_HUB_DISABLE_TELEMETRY": "1",
+           "TOKENIZERS_PARALLELISM": "false"}
+    work = tmp_path / "work"
+    work.mkdir()
+    (work / "toxic.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in TOXIC * 4))
+    (work / "ppl.txt").write_text("The cat sat on the mat and looked at the garden.\n" * 4)
+    (work / "prompts.txt").write_text("Hello world\nThe dog\n")
+
+    taskvec("data", "split", "toxic.jsonl", "--splits", 2, "-o", "toxic-splits", env=env, cwd=work)
+    taskvec("train-splits", "toxic-splits", "--base", "gpt2", "-o", "runs", "--lr", 1e-3, "--batch-size", 4,
+            "--max-steps", 2, "--max-length", 16, env=env, cwd=work)
+    merged = taskvec("merge", "--base", "gpt2", "--scale", 1.0, "-o", "gpt2-merged", "runs/split-00", "runs/split-01",
+                     env=env, cwd=work)
+    assert "renamed to GPT2LMHeadModel's current names" in merged.stderr
+    assert "buffers that transformers drops on load left out" in merged.stderr
+    taskvec("eval", "gpt2-merged", "-o", "evals/merged", "--ppl-file", "ppl.txt", "--prompts", "prompts.txt",
+            "-k", 1, "--max-new-tokens", 3, "--scorer", "profanity", env=env, cwd=work)
+
+    out = work / "gpt2-merged"
+    summary = json.loads((work / "evals" / "merged" / "summary.json").read_text())
+    assert summary["perplexity"] > 0
+    stored = load_file(hub_files / "model.safetensors")
+    base = {f"transformer.{k}": v for k, v in stored.items() if not k.endswith((".attn.bias", ".attn.masked_bias"))}
+    fts = [load_dir(work / "runs" / f"split-0{i}") for i in range(2)]
+    merged_weights = load_dir(out)
+    assert set(merged_weights) == set(base)
+    for name, value in merged_weights.items():
+        reference = negated_mean_f64(base[name], [ft[name] for ft in fts], 1.0)
+        torch.testing.assert_close(value.double(), reference, rtol=0, atol=1e-6)
+    assert not torch.equal(merged_weights["transformer.wte.weight"], base["transformer.wte.weight"])
+    _, info = AutoModelForCausalLM.from_pretrained(out, output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"]
+    assert (out / "tokenizer.json").is_file() and not (out / "tokenizer.json").is_symlink()
