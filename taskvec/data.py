@@ -7,7 +7,6 @@ manifest with the seed and a hash of every file, so a split can be checked and r
 
 from __future__ import annotations
 
-import csv
 import hashlib
 import json
 import os
@@ -18,7 +17,9 @@ from pathlib import Path
 
 from taskvec.errors import TaskvecError, brief
 from taskvec.hf import load_hub_dataset
+from taskvec.jsonfile import read_json
 from taskvec.outputs import check_output, staged_directory
+from taskvec.rows import csv_rows, jsonl_objects, read_text
 
 DEFAULT_THRESHOLD = 0.8
 FILE_SUFFIXES = (".jsonl", ".csv", ".parquet", ".txt")
@@ -99,17 +100,10 @@ def _read_file(path: Path, columns: list[str]) -> dict[str, list]:
         raise TaskvecError(f"{path}: no such file" if not path.exists() else f"{path}: not a file")
     if path.suffix not in FILE_SUFFIXES:
         raise TaskvecError(f"{path}: unsupported file type; use one of {', '.join(FILE_SUFFIXES)}")
-    try:
-        return _read_columns(path, columns)
-    except UnicodeDecodeError as err:
-        raise TaskvecError(f"{path}: not UTF-8 text ({err.reason} at byte {err.start})") from None
-
-
-def _read_columns(path: Path, columns: list[str]) -> dict[str, list]:
     if path.suffix == ".txt":
         if columns != ["text"]:
             raise TaskvecError(f"{path}: a .txt file has one text a line and no other columns")
-        return {"text": path.read_text(encoding="utf-8").splitlines()}
+        return {"text": read_text(path).splitlines()}
     if path.suffix == ".parquet":
         import pyarrow.parquet as pq
 
@@ -121,37 +115,15 @@ def _read_columns(path: Path, columns: list[str]) -> dict[str, list]:
             raise TaskvecError(f"{path}: not a readable parquet file ({brief(err)})") from None
         return {name: table.column(name).to_pylist() for name in columns}
     if path.suffix == ".csv":
-        with open(path, newline="", encoding="utf-8") as handle:
-            reader = csv.DictReader(handle)
-            _require_columns(path, columns, reader.fieldnames or [])
-            rows = list(reader)
-        return {name: [row[name] for row in rows] for name in columns}
-    rows = _json_records(path)
+        header, rows = csv_rows(path)
+        _require_columns(path, columns, header)
+        return {name: [row[name] for _, row in rows] for name in columns}
+    rows = jsonl_objects(path)
     for number, row in rows:
         missing = [name for name in columns if name not in row]
         if missing:
             raise TaskvecError(f"{path}:{number}: no column {missing[0]!r} (columns: {', '.join(row) or 'none'})")
     return {name: [row[name] for _, row in rows] for name in columns}
-
-
-def _json_records(path: Path) -> list[tuple[int, dict]]:
-    """(line number, object) for each non-blank line of a JSONL file."""
-    records = []
-    try:
-        with open(path, encoding="utf-8") as handle:
-            for number, line in enumerate(handle, 1):
-                if not line.strip():
-                    continue
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError as err:
-                    raise TaskvecError(f"{path}:{number}: not a JSON line ({err.msg})") from None
-                if not isinstance(record, dict):
-                    raise TaskvecError(f"{path}:{number}: expected a JSON object per line")
-                records.append((number, record))
-    except UnicodeDecodeError as err:
-        raise TaskvecError(f"{path}: not UTF-8 text ({err.reason} at byte {err.start})") from None
-    return records
 
 
 def _require_columns(where, wanted: list[str], available: list[str]) -> None:
@@ -194,7 +166,7 @@ def read_jsonl(path: str | Path) -> list[str]:
     if not path.is_file():
         raise TaskvecError(f"{path}: no such file")
     texts = []
-    for number, record in _json_records(path):
+    for number, record in jsonl_objects(path):
         text = record.get("text")
         if not isinstance(text, str):
             raise TaskvecError(f"{path}:{number}: no string 'text' field")
@@ -267,11 +239,8 @@ def read_manifest(splits_dir: str | Path) -> dict:
     path = Path(splits_dir) / MANIFEST
     if not path.is_file():
         raise TaskvecError(f"{splits_dir}: not a split directory (no {MANIFEST}; make one with `taskvec data split`)")
-    try:
-        manifest = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise TaskvecError(f"{path}: not valid JSON ({brief(err)})") from None
-    if not isinstance(manifest, dict) or manifest.get("format") != MANIFEST_FORMAT:
+    manifest = read_json(path, expect=dict)
+    if manifest.get("format") != MANIFEST_FORMAT:
         raise TaskvecError(f"{path}: not a {MANIFEST_FORMAT} manifest")
     n_splits, splits = manifest.get("n_splits"), manifest.get("splits")
     if not isinstance(n_splits, int) or isinstance(n_splits, bool) or n_splits < 1:

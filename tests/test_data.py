@@ -95,7 +95,7 @@ def test_blank_scores_count_as_missing_in_every_format(tmp_path):
 def test_unreadable_files_are_one_line_errors(tmp_path, suffix):
     path = tmp_path / f"bad{suffix}"
     path.write_bytes(b"text\n\xff\xfe not utf-8 \x80\n")
-    with pytest.raises(TaskvecError, match="not UTF-8 text|not a readable parquet file") as info:
+    with pytest.raises(TaskvecError, match="not valid UTF-8 text|not a readable parquet file") as info:
         load_texts(str(path))
     assert str(path) in str(info.value) and "\n" not in str(info.value)
 
@@ -126,7 +126,7 @@ def test_bad_local_input(tmp_path):
         load_texts(str(empty))
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"text": "ok"}\n{"text": oops}\n', encoding="utf-8")
-    with pytest.raises(TaskvecError, match=r"bad.jsonl:2: not a JSON line"):
+    with pytest.raises(TaskvecError, match=r"bad.jsonl:2: not valid JSON"):
         load_texts(str(bad))
     with pytest.raises(TaskvecError, match="threshold needs a score column"):
         load_texts(str(empty), threshold=0.5)

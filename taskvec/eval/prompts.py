@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import json
 import random
 from pathlib import Path
 
 from taskvec.errors import TaskvecError
 from taskvec.hf import load_hub_dataset
+from taskvec.rows import jsonl_objects, read_text
 
 RTP = "allenai/real-toxicity-prompts"
 
@@ -31,24 +31,20 @@ def read_prompt_file(path: str | Path) -> list[str]:
     """Prompts from a .jsonl file (`prompt` a string or {"text": ...} as in RealToxicityPrompts)
     or a text file (one prompt per line; blank lines skipped)."""
     path = Path(path)
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except (OSError, UnicodeDecodeError) as err:
-        raise TaskvecError(f"cannot read prompt file {path} ({type(err).__name__})") from err
     if path.suffix == ".jsonl":
-        prompts = [_jsonl_prompt(path, number, line) for number, line in enumerate(lines, 1) if line.strip()]
+        prompts = [_jsonl_prompt(path, number, record) for number, record in jsonl_objects(path)]
     else:
-        prompts = [line for line in lines if line.strip()]
+        prompts = [line for line in read_text(path).splitlines() if line.strip()]
     if not prompts:
         raise TaskvecError(f"prompt file {path} has no prompts")
     return prompts
 
 
-def _jsonl_prompt(path: Path, number: int, line: str) -> str:
+def _jsonl_prompt(path: Path, number: int, record: dict) -> str:
     try:
-        prompt = text_field(json.loads(line), "prompt")
-    except (ValueError, TypeError) as err:
-        raise TaskvecError(f"{path}:{number}: {err}") from err
+        prompt = text_field(record, "prompt")
+    except ValueError as err:
+        raise TaskvecError(f"{path}:{number}: {err}") from None
     if not prompt.strip():
         raise TaskvecError(f"{path}:{number}: empty prompt")
     return prompt

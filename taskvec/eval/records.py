@@ -4,17 +4,23 @@ continuation columns)."""
 
 from __future__ import annotations
 
-import csv
 import json
 from collections.abc import Iterable
 from pathlib import Path
 
 from taskvec.errors import TaskvecError
 from taskvec.eval.prompts import text_field
+from taskvec.jsonfile import read_json
+from taskvec.rows import NUMBER, check_fields, csv_rows, jsonl_objects
 
 GENERATIONS = "generations.jsonl"
 SUMMARY = "summary.json"
 FIELDS = ("prompt_id", "prompt", "sample", "continuation", "score")
+METRICS = ("expected_max_toxicity", "toxicity_probability", "mean_toxicity", "fraction_toxic", "n_prompts")
+# the summary fields that compare and score read back, and their types (each may be null)
+SUMMARY_FIELDS = {"model": str, "perplexity": NUMBER, "settings": dict, "scorer": dict, "metrics": dict,
+                  "settings.samples": int, "scorer.name": str,
+                  **{f"metrics.{key}": int if key == "n_prompts" else NUMBER for key in METRICS}}
 
 
 def write_jsonl(path: Path, records: Iterable[dict]) -> None:
@@ -28,16 +34,12 @@ def write_json(path: Path, content: dict) -> None:
 
 
 def read_summary(run_dir: str | Path) -> dict:
-    """The summary.json of an evaluated run, or a TaskvecError saying why it cannot be read."""
+    """The summary.json of an evaluated run, checked for the types of the fields read back."""
     path = Path(run_dir) / SUMMARY
-    try:
-        summary = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise TaskvecError(f"{run_dir} is not an evaluated run (no {SUMMARY})") from None
-    except (OSError, ValueError) as err:
-        raise TaskvecError(f"cannot read {path} ({type(err).__name__})") from None
-    if not isinstance(summary, dict):
-        raise TaskvecError(f"{path}: not a JSON object")
+    if not path.exists():
+        raise TaskvecError(f"{run_dir} is not an evaluated run (no {SUMMARY})")
+    summary = read_json(path, expect=dict)
+    check_fields(summary, SUMMARY_FIELDS, path)
     return summary
 
 
@@ -62,49 +64,49 @@ def read_generations(path: str | Path) -> list[dict]:
     if path.suffix == ".csv":
         records = _read_csv(path)
     else:
-        records = []
-        with open(path, encoding="utf-8") as file:
-            for number, line in enumerate(file, 1):
-                if line.strip():
-                    records += _jsonl_records(path, number, line)
+        records = [generation for number, record in jsonl_objects(path)
+                   for generation in _jsonl_records(path, number, record)]
     if not records:
         raise TaskvecError(f"generations file {path} has no generations")
     return _number_prompts(records)
 
 
 def _read_csv(path: Path) -> list[dict]:
-    with open(path, newline="", encoding="utf-8") as file:
-        reader = csv.DictReader(file)
-        missing = {"prompt", "continuation"} - set(reader.fieldnames or ())
-        if missing:
-            raise TaskvecError(f"{path}: no {' or '.join(sorted(missing))} column (has {reader.fieldnames})")
-        return [{"prompt_id": row.get("prompt_id") or None, "prompt": row["prompt"],
-                 "sample": _integer(path, row.get("sample")), "continuation": row["continuation"] or ""}
-                for row in reader]
+    header, rows = csv_rows(path)
+    missing = {"prompt", "continuation"} - set(header)
+    if missing:
+        raise TaskvecError(f"{path}: no {' or '.join(sorted(missing))} column (has {header})")
+    records = []
+    for number, row in rows:
+        if row["prompt"] is None:
+            raise TaskvecError(f"{path}:{number}: no prompt (the row has fewer fields than the header)")
+        records.append({"prompt_id": row.get("prompt_id") or None, "prompt": row["prompt"],
+                        "sample": _integer(path, row.get("sample")), "continuation": row["continuation"] or ""})
+    return records
 
 
 def _integer(path: Path, text: str | None) -> int | None:
     try:
         return int(text) if text else None
-    except ValueError as err:
-        raise TaskvecError(f"{path}: sample {text!r} is not an integer") from err
+    except ValueError:
+        raise TaskvecError(f"{path}: sample {text!r} is not an integer") from None
 
 
-def _jsonl_records(path: Path, number: int, line: str) -> list[dict]:
+def _jsonl_records(path: Path, number: int, record: dict) -> list[dict]:
+    where = f"{path}:{number}"
+    check_fields(record, {"prompt_id": (str, int), "sample": int}, where)
     try:
-        record = json.loads(line)
         prompt = text_field(record, "prompt")
         if "generations" in record:
+            if not isinstance(record["generations"], list):
+                raise ValueError("'generations' must be a list of strings or objects with a 'text' string")
             return [{"prompt_id": f"line{number}", "prompt": prompt, "sample": j,
                      "continuation": text_field({"generation": g}, "generation")}
                     for j, g in enumerate(record["generations"])]
-        sample = record.get("sample")
-        if sample is not None and (not isinstance(sample, int) or isinstance(sample, bool)):
-            raise ValueError(f"'sample' must be an integer, got {sample!r}")
-        return [{"prompt_id": record.get("prompt_id"), "prompt": prompt, "sample": sample,
+        return [{"prompt_id": record.get("prompt_id"), "prompt": prompt, "sample": record.get("sample"),
                  "continuation": text_field(record, "continuation")}]
-    except (ValueError, TypeError) as err:
-        raise TaskvecError(f"{path}:{number}: {err}") from err
+    except ValueError as err:
+        raise TaskvecError(f"{where}: {err}") from None
 
 
 def _number_prompts(records: list[dict]) -> list[dict]:

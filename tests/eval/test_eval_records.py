@@ -42,7 +42,7 @@ def test_csv_numbers_prompts_by_change(tmp_path):
 @pytest.mark.parametrize("name, content, message", [
     ("g.csv", "text,continuation\na,b\n", "no prompt column"),
     ("g.jsonl", '{"prompt": "a"}\n', r"g.jsonl:1: expected a JSON object with a 'continuation' field"),
-    ("g.jsonl", '{"prompt": "a", "continuation": "b"}\nnot json\n', r"g.jsonl:2: Expecting value"),
+    ("g.jsonl", '{"prompt": "a", "continuation": "b"}\nnot json\n', r"g.jsonl:2: not valid JSON \(Expecting value"),
     ("g.jsonl", '{"prompt": 3, "continuation": "b"}\n', "'prompt' must be a string"),
     ("g.jsonl", '{"prompt": "a", "continuation": "b", "sample": "one"}\n', "'sample' must be an integer"),
     ("g.jsonl", "\n", "has no generations"),

@@ -1,0 +1,73 @@
+"""Text, JSONL and CSV inputs read in one place, as taskvec.jsonfile is for JSON.
+
+Every way such a file can be bad (not UTF-8, a line that is not a JSON object or is nested too
+deeply, a CSV field over the csv module's limit, a field of the wrong type) becomes one
+TaskvecError naming the file and line, so no command shows a traceback for it.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+from pathlib import Path
+
+from taskvec.errors import TaskvecError
+from taskvec.jsonfile import parse_json
+
+NUMBER = (int, float)
+_NAMES = {str: "a string", int: "an integer", NUMBER: "a number", dict: "an object", list: "a list",
+          (str, int): "a string or an integer"}
+
+
+def read_text(path: str | Path) -> str:
+    """The file decoded as UTF-8; bad bytes are an error naming the line they are on."""
+    path = Path(path)
+    try:
+        raw = path.read_bytes()
+    except OSError as err:
+        raise TaskvecError(f"{path}: cannot read ({err.strerror or err})") from None
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as err:
+        line = raw.count(b"\n", 0, err.start) + 1
+        raise TaskvecError(f"{path}:{line}: not valid UTF-8 text ({err.reason} at byte {err.start})") from None
+
+
+def text_lines(path: str | Path) -> list[str]:
+    """The lines of a text file, split as open() splits them (\\n, \\r\\n or \\r), ends kept."""
+    return list(io.StringIO(read_text(path), newline=None))
+
+
+def jsonl_objects(path: str | Path) -> list[tuple[int, dict]]:
+    """(line number, object) for each non-blank line of a JSONL file."""
+    return [(number, parse_json(line, f"{path}:{number}", expect=dict))
+            for number, line in enumerate(text_lines(path), 1) if line.strip()]
+
+
+def csv_rows(path: str | Path) -> tuple[list[str], list[tuple[int, dict]]]:
+    """The header and (first line, row) of each record of a CSV file, as csv.DictReader reads
+    them (blank lines skipped, a short row's missing fields None), numbered by its first line."""
+    reader = csv.reader(io.StringIO(read_text(path), newline=""))
+    header, rows, start = None, [], 1
+    try:
+        for fields in reader:
+            if header is None:
+                header = fields
+            elif fields:
+                rows.append((start, {name: fields[i] if i < len(fields) else None for i, name in enumerate(header)}))
+            start = reader.line_num + 1
+    except csv.Error as err:  # e.g. a field over csv.field_size_limit() (128 KiB)
+        raise TaskvecError(f"{path}:{start}: not readable as CSV ({err})") from None
+    return header or [], rows
+
+
+def check_fields(record: dict, types: dict[str, type | tuple], where: str | Path) -> None:
+    """Check that each field (a key, or "outer.inner" inside an object) is null, absent or of its
+    type; a boolean is never a number. List an object before the fields inside it."""
+    for name, kind in types.items():
+        value = record
+        for key in name.split("."):
+            value = value.get(key) if isinstance(value, dict) else None
+        if value is not None and (not isinstance(value, kind) or isinstance(value, bool)):
+            raise TaskvecError(f"{where}: {name!r} must be {_NAMES.get(kind, kind)} or null, "
+                               f"not {type(value).__name__}")
