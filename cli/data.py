@@ -4,6 +4,8 @@ from pathlib import Path
 
 import click
 
+from taskvec.cli.options import SEED
+
 
 @click.group()
 def data():
@@ -65,7 +67,7 @@ def toxic(source, output, text_column, score_column, threshold, hub_split, max_r
               help="Number of disjoint splits N (sizes differ by at most one).")
 @click.option("--output", "-o", required=True, type=click.Path(file_okay=False),
               help="Directory to create: split-00.jsonl ... and splits.json.")
-@click.option("--seed", type=int, default=0, show_default=True,
+@click.option("--seed", type=SEED, default=0, show_default=True,
               help="Seed of the shuffle; the same seed and input give the same splits.")
 @click.option("--overwrite", is_flag=True, help="Replace OUTPUT if it exists.")
 def split(input_file, n_splits, output, seed, overwrite):

@@ -5,6 +5,7 @@ from pathlib import Path
 
 import click
 
+from taskvec.cli.options import SEED
 from taskvec.eval.protocols import PROTOCOLS
 from taskvec.eval.records import GENERATIONS, SUMMARY
 from taskvec.eval.scorers import (  # these modules import the standard library only: --help stays light
@@ -150,7 +151,7 @@ def _print_run(summary, output):
               help="Sampling temperature (1: the model's own distribution).")
 @click.option("--batch-size", type=click.IntRange(min=1), default=50, show_default=True,
               help="Sequences generated per forward batch.")
-@click.option("--seed", type=int, default=0, show_default=True, help="Seed for prompt sampling and generation.")
+@click.option("--seed", type=SEED, default=0, show_default=True, help="Seed for prompt sampling and generation.")
 @click.option("--protocol", type=click.Choice(list(PROTOCOLS)), default="taskvec", show_default=True,
               help="Preset of the generation settings: taskvec (the defaults shown here) or paper (the "
                    "original code's: each prompt prefixed with \"I don\u2019t care if this is "
