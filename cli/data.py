@@ -1,7 +1,5 @@
 """`taskvec data toxic` and `taskvec data split`: thin wrappers over taskvec.data."""
 
-from pathlib import Path
-
 import click
 
 from taskvec.cli.options import SEED
@@ -50,11 +48,9 @@ def toxic(source, output, text_column, score_column, threshold, hub_split, max_r
             --score-column toxicity -o toxic.jsonl
     """
     from taskvec.data import load_texts, write_jsonl
-    from taskvec.errors import TaskvecError
+    from taskvec.output_file import check_output_file
 
-    output = Path(output)
-    if output.exists() and not overwrite:
-        raise TaskvecError(f"output {output} already exists; pass --overwrite to replace it")
+    output = check_output_file(output, [source], overwrite)
     texts = load_texts(source, text_column=text_column, score_column=score_column,
                        threshold=threshold, split=hub_split, max_rows=max_rows)
     write_jsonl(texts, output)

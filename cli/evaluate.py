@@ -103,6 +103,11 @@ def _split_scorer_options(options):
     return {key: options.pop(key) for key in SCORER_OPTIONS}
 
 
+def _scorer_files(options):
+    """The files and directories that scorer options name: inputs an output may not replace."""
+    return [options[key] for key in ("detoxify_checkpoint", "detoxify_config", "perspective_config") if options[key]]
+
+
 def _protocol_values(protocol):
     """The preset's settings, except those given on the command line: explicit options win."""
     from click.core import ParameterSource
@@ -183,7 +188,8 @@ def eval_command(model_dir, output, ppl_file, no_perplexity, prompts_file, num_p
     if no_perplexity and no_toxicity:
         raise TaskvecError("--no-perplexity and --no-toxicity leave nothing to evaluate")
     output = output or str(Path("runs") / (Path(model_dir).resolve().name or "model"))
-    check_output(output, [model_dir], options["overwrite"])  # before minutes of loading
+    inputs = [model_dir, *ppl_file, *([prompts_file] if prompts_file else []), *_scorer_files(options)]
+    check_output(output, inputs, options["overwrite"])  # before minutes of loading
     scorer_options = _split_scorer_options(options)
     options.update(_protocol_values(protocol))
     seed = options.pop("seed", seed)
@@ -227,7 +233,7 @@ def score(generations, output, scorer, device, **options):
     if output is None:
         stem = source.parent if (source.parent / SUMMARY).is_file() else source.with_suffix("")
         output = f"{stem}-{file_suffix(scorer)}"
-    check_output(output, [source], options["overwrite"])  # before loading the scorer
+    check_output(output, [source, *_scorer_files(options)], options["overwrite"])  # before loading the scorer
     scorer_obj = _make_scorer(scorer, device, **_split_scorer_options(options))
     summary = rescore(source, output, scorer=scorer_obj, **options)
     _print_run(summary, output)
@@ -255,7 +261,7 @@ def compare(runs, plot, no_plot, labels, fmt, overwrite):
     import json
 
     from taskvec.eval import compare_runs, format_table
-    from taskvec.eval.compare import plot_runs, plottable
+    from taskvec.eval.compare import plot_runs, plottable, run_files
 
     rows = compare_runs(runs, labels=labels or None)
     click.echo(json.dumps(rows, indent=2) if fmt == "json" else format_table(rows))  # even if the plot fails
@@ -264,5 +270,5 @@ def compare(runs, plot, no_plot, labels, fmt, overwrite):
     if not plottable(rows):
         click.echo("no plot: no run has both a perplexity and toxicity scores", err=True)
         return
-    plot_runs(rows, plot, overwrite=overwrite)
+    plot_runs(rows, plot, overwrite=overwrite, inputs=run_files(runs))
     click.echo(f"wrote {plot}", err=fmt == "json")

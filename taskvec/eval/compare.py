@@ -8,7 +8,8 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from taskvec.errors import TaskvecError
-from taskvec.eval.records import read_summary
+from taskvec.eval.records import GENERATIONS, METRICS, SUMMARY, read_summary
+from taskvec.output_file import check_output_file
 
 # (row key, column header, format)
 COLUMNS = [
@@ -22,7 +23,6 @@ COLUMNS = [
     ("samples", "k", "{}"),
     ("scorer", "scorer", "{}"),
 ]
-METRICS = ("expected_max_toxicity", "toxicity_probability", "mean_toxicity", "fraction_toxic", "n_prompts")
 
 
 def summary_row(summary: dict, run: str) -> dict:
@@ -51,8 +51,13 @@ def compare_runs(run_dirs: Sequence[str | Path], output_png: str | Path | None =
     for run_dir, label in zip(run_dirs, labels, strict=True):
         rows.append(summary_row(read_summary(run_dir), label))
     if output_png is not None:
-        plot_runs(rows, output_png, overwrite=overwrite)
+        plot_runs(rows, output_png, overwrite=overwrite, inputs=run_files(run_dirs))
     return rows
+
+
+def run_files(run_dirs: Sequence[str | Path]) -> list[Path]:
+    """The files of the runs, which a plot must never replace."""
+    return [Path(run_dir) / name for run_dir in run_dirs for name in (SUMMARY, GENERATIONS)]
 
 
 def format_table(rows: Sequence[dict]) -> str:
@@ -75,21 +80,23 @@ def plottable(rows: Sequence[dict]) -> list[dict]:
     return [row for row in rows if row["perplexity"] is not None and row["expected_max_toxicity"] is not None]
 
 
-def plot_runs(rows: Sequence[dict], output_png: str | Path, *, overwrite: bool = False) -> Path:
+def plot_runs(rows: Sequence[dict], output_png: str | Path, *, overwrite: bool = False,
+              inputs: Sequence[str | Path] = ()) -> Path:
     """Scatter expected maximum toxicity and toxicity probability against perplexity, one
-    labelled point per run (runs lacking either number are left out), written atomically."""
+    labelled point per run (runs lacking either number are left out), written atomically.
+    inputs: files the plot may not replace (see run_files), even with `overwrite`."""
+    output = check_output_file(output_png, inputs, overwrite=True)
+    if output.exists() and not overwrite:
+        raise TaskvecError(f"plot {output} already exists; pass --overwrite to replace it, or --no-plot")
+    points = plottable(rows)
+    if not points:
+        raise TaskvecError("no run has both a perplexity and toxicity scores to plot")
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     from matplotlib.ticker import MaxNLocator, StrMethodFormatter
 
-    output = Path(output_png)
-    if output.exists() and not overwrite:
-        raise TaskvecError(f"plot {output} already exists; pass --overwrite to replace it, or --no-plot")
-    points = plottable(rows)
-    if not points:
-        raise TaskvecError("no run has both a perplexity and toxicity scores to plot")
     figure, axes = plt.subplots(1, 2, figsize=(10, 4.2), constrained_layout=True)
     for axis, key, title in ((axes[0], "expected_max_toxicity", "Expected maximum toxicity"),
                              (axes[1], "toxicity_probability", "Toxicity probability")):
