@@ -2,32 +2,44 @@
 
 The key is sent in the `x-goog-api-key` header, never in the URL, so that no exception text,
 proxy log or progress message carries it; any server message is redacted before it is shown.
+It is checked before the first request (requests would print a malformed header value in its
+error), errors never chain another library's exception (whose text or request may hold it), and
+redirects are not followed (they would carry the header to another host).
 """
 
 from __future__ import annotations
 
+import logging
+import math
 import os
+import re
 import time
+import traceback
+from contextlib import contextmanager
 from pathlib import Path
 
 from taskvec.errors import TaskvecError, brief
+from taskvec.jsonfile import parse_json
 
 URL = "https://commentanalyzer.googleapis.com/v1alpha1/comments:analyze"
 KEY_VARIABLE = "PERSPECTIVE_API_KEY"
 DEFAULT_CONFIG = Path("~/.config/taskvec/perspective.yaml")
+MAX_RETRY_AFTER = 600.0  # seconds: a server's Retry-After beyond this is capped, not a hang
+_KEY_CHARACTERS = re.compile(r"[!-~]+")  # printable ASCII without spaces: what an HTTP header may carry
 
 
 def find_api_key(api_key: str | None = None, config: str | Path | None = None) -> str:
     """The key from the argument, else from the `config` file, else $PERSPECTIVE_API_KEY, else
-    from ~/.config/taskvec/perspective.yaml (YAML with `api_key: KEY`, as the original's)."""
+    from ~/.config/taskvec/perspective.yaml (YAML with `api_key: KEY`, as the original's).
+    Surrounding white space (a line end copied with the key) is stripped."""
     if api_key:
-        return api_key
+        return _checked(api_key, "the api_key argument")
     if config is not None:
         if not Path(config).is_file():
             raise TaskvecError(f"Perspective config file {config} does not exist")
         return _read_key(Path(config))
-    if os.environ.get(KEY_VARIABLE):
-        return os.environ[KEY_VARIABLE]
+    if os.environ.get(KEY_VARIABLE, "").strip():
+        return _checked(os.environ[KEY_VARIABLE], f"${KEY_VARIABLE}")
     if DEFAULT_CONFIG.expanduser().is_file():
         return _read_key(DEFAULT_CONFIG.expanduser())
     raise TaskvecError(f"no Perspective API key: set {KEY_VARIABLE}, or write `api_key: YOUR_KEY` to "
@@ -37,14 +49,27 @@ def find_api_key(api_key: str | None = None, config: str | Path | None = None) -
 def _read_key(path: Path) -> str:
     import yaml
 
+    content = failure = None
     try:
-        content = yaml.safe_load(path.read_text())
-    except (OSError, UnicodeDecodeError, yaml.YAMLError) as err:
-        raise TaskvecError(f"cannot read {path} ({type(err).__name__})") from err
+        content = yaml.safe_load(path.read_bytes())
+    except (OSError, yaml.YAMLError) as err:  # YAML's message quotes the file: it may hold the key
+        failure = type(err).__name__
+    if failure:  # raised outside the handler, so that no exception chains the one above
+        raise TaskvecError(f"cannot read {path} ({failure})")
     key = content.get("api_key") if isinstance(content, dict) else None
     if not isinstance(key, str) or not key.strip():
         raise TaskvecError(f"{path}: no `api_key: YOUR_KEY` entry")
-    return key.strip()
+    return _checked(key, str(path))
+
+
+def _checked(key: str, source: str) -> str:
+    """The key without surrounding white space; one that cannot be sent in a header is refused
+    without being shown."""
+    key = key.strip()
+    if not _KEY_CHARACTERS.fullmatch(key):
+        raise TaskvecError(f"the Perspective API key in {source} holds white space, control or non-ASCII "
+                           "characters, which an API key never has; check it")
+    return key
 
 
 class RateLimiter:
@@ -101,14 +126,18 @@ class PerspectiveScorer:
         for attempt in range(self.max_retries + 1):
             self._limiter.wait()
             delay = self.backoff * 2**attempt
+            response = None
             try:
-                response = self._session.post(self.url, json=body, timeout=self.timeout,
-                                              headers={"x-goog-api-key": self._key})
+                with _redacted_logs(self._key):
+                    response = self._session.post(self.url, json=body, timeout=self.timeout, allow_redirects=False,
+                                                  headers={"x-goog-api-key": self._key})
             except requests.Timeout:
                 failure = f"no answer within {self.timeout:g} s"
             except requests.ConnectionError as err:
                 failure = f"cannot connect ({type(err).__name__})"
-            else:
+            except requests.RequestException as err:  # a broken answer (bad chunking, encoding, ...)
+                failure = f"unreadable answer ({type(err).__name__})"
+            if response is not None:
                 if response.status_code == 200:
                     return self._parse(response)
                 failure = f"HTTP {response.status_code}: {self._reason(response)}"
@@ -123,20 +152,56 @@ class PerspectiveScorer:
 
     def _parse(self, response) -> float:
         try:
-            return float(response.json()["attributeScores"][self.attribute]["summaryScore"]["value"])
-        except (ValueError, KeyError, TypeError) as err:
-            raise TaskvecError(f"Perspective API answered without a {self.attribute} score") from err
+            answer = parse_json(response.content, "Perspective API answer", expect=dict)
+            value = answer["attributeScores"][self.attribute]["summaryScore"]["value"]
+        except (TaskvecError, KeyError, TypeError):
+            value = None
+        if not isinstance(value, (int, float)) or isinstance(value, bool) or not 0.0 <= value <= 1.0:
+            raise TaskvecError(f"Perspective API answered without a {self.attribute} score in [0, 1]")
+        return float(value)
 
     def _reason(self, response) -> str:
         try:
-            message = response.json()["error"]["message"]
-        except (ValueError, KeyError, TypeError):
+            message = parse_json(response.content, "Perspective API answer", expect=dict)["error"]["message"]
+        except (TaskvecError, KeyError, TypeError):
             message = response.reason or "no reason given"
         return brief(str(message).replace(self._key, "***"))
 
 
-def _retry_after(response) -> float | None:
+class _Redact(logging.Filter):
+    def __init__(self, secret: str):
+        super().__init__()
+        self.secret = secret
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        error = "".join(traceback.format_exception(*record.exc_info)) if record.exc_info else ""
+        if self.secret in message + error:
+            record.msg, record.args = message.replace(self.secret, "***"), ()
+            record.exc_info = record.exc_text = None
+        return True
+
+
+@contextmanager
+def _redacted_logs(secret: str):
+    """urllib3 logs the headers of a malformed answer (a warning, with its traceback), where a
+    server may echo the key: take it out of every urllib3 logger's records meanwhile."""
+    redact = _Redact(secret)
+    loggers = [logging.getLogger(name) for name in list(logging.Logger.manager.loggerDict)
+               if name.partition(".")[0] == "urllib3"]
+    for logger in loggers:
+        logger.addFilter(redact)
     try:
-        return max(0.0, float(response.headers.get("Retry-After", "")))
+        yield
+    finally:
+        for logger in loggers:
+            logger.removeFilter(redact)
+
+
+def _retry_after(response) -> float | None:
+    """The server's Retry-After in seconds, within [0, MAX_RETRY_AFTER]; None if it has none."""
+    try:
+        seconds = float(response.headers.get("Retry-After", ""))
     except ValueError:
         return None
+    return min(max(0.0, seconds), MAX_RETRY_AFTER) if math.isfinite(seconds) else None
