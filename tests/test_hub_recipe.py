@@ -90,3 +90,61 @@ def test_readme_recipe_with_the_hub_gpt2_layout(tmp_path):
     _, info = AutoModelForCausalLM.from_pretrained(out, output_loading_info=True)
     assert not info["missing_keys"] and not info["unexpected_keys"]
     assert (out / "tokenizer.json").is_file() and not (out / "tokenizer.json").is_symlink()
+
+
+def fake_hub(monkeypatch, tmp_path, remote):
+    """snapshot_download over a local 'remote' repository: copies the files that the patterns
+    select into a snapshot folder, as the hub client does, and records each call's patterns."""
+    import fnmatch
+    import shutil
+
+    import huggingface_hub
+
+    calls = []
+
+    def snapshot_download(repo_id, allow_patterns):
+        calls.append(list(allow_patterns))
+        snapshot = tmp_path / "cache" / repo_id / "snapshot"
+        snapshot.mkdir(parents=True, exist_ok=True)
+        for file in remote.iterdir():
+            if any(fnmatch.fnmatch(file.name, p) for p in allow_patterns):
+                shutil.copyfile(file, snapshot / file.name)
+        return str(snapshot)
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
+    return calls
+
+
+def test_a_hub_model_with_only_bin_weights_is_fetched_with_them(tmp_path, monkeypatch):
+    """Fetching safetensors only would give train and eval a model directory without weights."""
+    from taskvec.hf import load_causal_lm
+    from taskvec.io.checkpoint import resolve_model_path
+
+    tokenizer = byte_level_tokenizer()
+    model = tiny_model("gpt2", vocab_size=len(tokenizer))
+    remote = tmp_path / "remote"
+    remote.mkdir()
+    torch.save({k: v for k, v in model.state_dict().items() if k != "lm_head.weight"}, remote / "pytorch_model.bin")
+    (remote / "tf_model.h5").write_bytes(b"not for us")
+    model.config.save_pretrained(remote)
+    tokenizer.save_pretrained(remote)
+    calls = fake_hub(monkeypatch, tmp_path, remote)
+    snapshot = resolve_model_path("org/bin-only")
+    assert len(calls) == 2 and "*.safetensors" in calls[0] and "*.bin" in calls[1]
+    assert (snapshot / "pytorch_model.bin").is_file() and not (snapshot / "tf_model.h5").exists()
+    loaded = load_causal_lm("org/bin-only")
+    torch.testing.assert_close(loaded.model.state_dict()["transformer.h.0.attn.c_attn.weight"],
+                               model.state_dict()["transformer.h.0.attn.c_attn.weight"])
+
+
+def test_a_hub_model_with_safetensors_is_fetched_once(tmp_path, monkeypatch):
+    from taskvec.io.checkpoint import resolve_model_path
+
+    model = tiny_model("gpt2")
+    remote = tmp_path / "remote"
+    model.save_pretrained(remote)
+    torch.save(model.state_dict(), remote / "pytorch_model.bin")
+    calls = fake_hub(monkeypatch, tmp_path, remote)
+    snapshot = resolve_model_path("org/both")
+    assert len(calls) == 1 and not (snapshot / "pytorch_model.bin").exists()
+    assert (snapshot / "model.safetensors").is_file()
