@@ -101,6 +101,8 @@ def plot_runs(rows: Sequence[dict], output_png: str | Path, *, overwrite: bool =
     for axis, key, title in ((axes[0], "expected_max_toxicity", "Expected maximum toxicity"),
                              (axes[1], "toxicity_probability", "Toxicity probability")):
         for index, row in enumerate(points):
+            if row[key] is None:  # a summary may hold one metric without the other
+                continue
             axis.scatter(row["perplexity"], row[key], s=60, color=f"C{index % 10}", zorder=3)
             axis.annotate(row["run"], (row["perplexity"], row[key]), textcoords="offset points",
                           xytext=(6, 5), fontsize=9)

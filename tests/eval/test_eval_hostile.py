@@ -122,6 +122,13 @@ def test_compare_takes_nulls_for_parts_not_evaluated(tmp_path):
     assert result.exit_code == 0 and result.output.splitlines()[2].split()[1:3] == ["-", "-"], result.output
 
 
+def test_compare_plots_a_run_that_lacks_one_metric(tmp_path):
+    partial = with_field(SUMMARY, "metrics.toxicity_probability", None)
+    plot = tmp_path / "plot.png"
+    result = CliRunner().invoke(main, ["compare", str(run_dir(tmp_path, "r", partial)), "--plot", str(plot)])
+    assert result.exit_code == 0 and plot.read_bytes()[:4] == b"\x89PNG", result.output
+
+
 @pytest.mark.parametrize("target", ["summary.json", "generations.jsonl", "link.png", "hard.png"])
 def test_compare_never_plots_over_a_run(tmp_path, target):
     run = run_dir(tmp_path, "run", SUMMARY)
