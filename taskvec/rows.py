@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import csv
 import io
+import sys
 from pathlib import Path
 
 from taskvec.errors import TaskvecError
@@ -63,7 +64,8 @@ def csv_rows(path: str | Path) -> tuple[list[str], list[tuple[int, dict]]]:
 
 def check_fields(record: dict, types: dict[str, type | tuple], where: str | Path) -> None:
     """Check that each field (a key, or "outer.inner" inside an object) is null, absent or of its
-    type; a boolean is never a number. List an object before the fields inside it."""
+    type; a boolean is never a number, nor an integer too large for a float. List an object
+    before the fields inside it."""
     for name, kind in types.items():
         value = record
         for key in name.split("."):
@@ -71,3 +73,5 @@ def check_fields(record: dict, types: dict[str, type | tuple], where: str | Path
         if value is not None and (not isinstance(value, kind) or isinstance(value, bool)):
             raise TaskvecError(f"{where}: {name!r} must be {_NAMES.get(kind, kind)} or null, "
                                f"not {type(value).__name__}")
+        if kind == NUMBER and isinstance(value, int) and abs(value) > sys.float_info.max:
+            raise TaskvecError(f"{where}: {name!r} is too large a number")
