@@ -210,6 +210,10 @@ def _read_sharded(index: Path, read_shard) -> dict[str, TensorEntry]:
         if not shard_path.is_file():
             raise TaskvecError(f"{index}: names shard '{shard}', which is missing")
         shards[shard] = read_shard(shard_path)
+    for sibling in _series(shards):
+        if sibling not in shards and (index.parent / sibling).is_file():
+            raise TaskvecError(f"{index.parent / sibling}: a shard that {index.name} does not name "
+                               "(its tensors would be dropped; corrupt index)")
     tensors = {}
     for name, shard in weight_map.items():
         if name not in shards[shard]:
@@ -223,6 +227,21 @@ def _read_sharded(index: Path, read_shard) -> dict[str, TensorEntry]:
                 raise TaskvecError(f"{index.parent / shard}: holds tensor '{name}', which {index.name} {where} "
                                    "(corrupt index)")
     return tensors
+
+
+_SHARD_NAME = re.compile(r"(?P<stem>.+)-\d{5}-of-(?P<count>\d{5})(?P<suffix>\.\w+)")
+
+
+def _series(shards) -> set[str]:
+    """Every file name of the numbered shard series (`model-00001-of-00003.safetensors`, ...) that
+    the index's shard names belong to."""
+    names = set()
+    for shard in shards:
+        match = _SHARD_NAME.fullmatch(shard)
+        if match:
+            count = int(match["count"])
+            names |= {f"{match['stem']}-{i:05d}-of-{count:05d}{match['suffix']}" for i in range(1, count + 1)}
+    return names
 
 
 def _read_config(path: Path) -> dict:

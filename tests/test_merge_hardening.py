@@ -1,0 +1,135 @@
+"""Issue 12's merge items: side files that would publish a private file, index files that drop
+data, free space counted in full, a full disk named as the output's."""
+
+import errno
+import json
+import os
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from taskvec.errors import TaskvecError
+from taskvec.merge import merge_checkpoints
+
+
+@pytest.fixture
+def workdir(synthetic_sets, tmp_path):
+    sset = synthetic_sets("float32")
+    base = shutil.copytree(sset.base, tmp_path / "base")
+    fts = [shutil.copytree(p, tmp_path / f"ft{i}") for i, p in enumerate(sset.finetuned[:2])]
+    return base, fts
+
+
+def refused(base, fts, out, match):
+    with pytest.raises(TaskvecError, match=match) as caught:
+        merge_checkpoints(fts, out, base=base, progress=False)
+    assert "\n" not in str(caught.value)
+    assert not out.exists() and not [p for p in out.parent.iterdir() if p.name.startswith(f".{out.name}.")]
+    return str(caught.value)
+
+
+def test_a_side_file_linking_outside_the_model_is_not_published(workdir, tmp_path):
+    base, fts = workdir
+    secret = tmp_path / "secret.json"
+    secret.write_text('{"token": "hf_private"}')
+    secret.chmod(0o600)
+    (base / "tokenizer_config.json").symlink_to(secret)
+    (base / "special_tokens_map.json").write_text("{}")
+    (base / "special_tokens_map.json").chmod(0o600)
+    result = merge_checkpoints(fts, tmp_path / "out", base=base, progress=False)
+    assert not (tmp_path / "out" / "tokenizer_config.json").exists()
+    assert any("tokenizer_config.json" in note and "outside" in note for note in result.notes), result.notes
+    copied = tmp_path / "out" / "special_tokens_map.json"
+    assert copied.is_file() and oct(copied.stat().st_mode & 0o777) == oct(0o600)  # never wider
+
+
+def test_a_link_inside_the_model_directory_is_copied_as_a_file(workdir, tmp_path):
+    base, fts = workdir
+    (base / "real-vocab.json").write_text('{"a": 1}')
+    (base / "vocab.json").symlink_to("real-vocab.json")
+    merge_checkpoints(fts, tmp_path / "out", base=base, progress=False)
+    copied = tmp_path / "out" / "vocab.json"
+    assert copied.is_file() and not copied.is_symlink() and json.loads(copied.read_text()) == {"a": 1}
+
+
+@pytest.fixture
+def sharded(synthetic_sets, tmp_path):
+    sset = synthetic_sets("float32", sharded=True)
+    ft = shutil.copytree(sset.finetuned[0], tmp_path / "ft")
+    return sset.base, ft, ft / "model.safetensors.index.json"
+
+
+def test_a_tensor_a_shard_holds_but_the_index_omits_is_refused(sharded, tmp_path):
+    base, ft, index = sharded
+    content = json.loads(index.read_text())
+    shards = list(content["weight_map"].values())
+    dropped = next(n for n, s in content["weight_map"].items() if shards.count(s) > 1)
+    del content["weight_map"][dropped]
+    index.write_text(json.dumps(content))
+    message = refused(base, [ft], tmp_path / "out", "does not list")
+    assert dropped in message
+
+
+def test_a_shard_the_index_does_not_name_is_refused(sharded, tmp_path):
+    base, ft, index = sharded
+    content = json.loads(index.read_text())
+    alone = next(s for s in content["weight_map"].values() if list(content["weight_map"].values()).count(s) == 1)
+    content["weight_map"] = {n: s for n, s in content["weight_map"].items() if s != alone}
+    index.write_text(json.dumps(content))
+    refused(base, [ft], tmp_path / "out", f"{alone}: a shard that model.safetensors.index.json does not name")
+
+
+def test_a_tensor_listed_twice_in_the_index_is_refused(sharded, tmp_path):
+    base, ft, index = sharded
+    content = json.loads(index.read_text())
+    name, shard = next(iter(content["weight_map"].items()))
+    other = next(s for s in content["weight_map"].values() if s != shard)
+    text = json.dumps(content)
+    index.write_text(text[:-2] + f', "{name}": "{other}"' + text[-2:])
+    refused(base, [ft], tmp_path / "out", f"key '{name}' appears twice")
+
+
+def test_a_tensor_the_index_assigns_to_another_shard_is_refused(sharded, tmp_path):
+    base, ft, index = sharded
+    content = json.loads(index.read_text())
+    shards = sorted(set(content["weight_map"].values()))
+    first = next(n for n, s in content["weight_map"].items() if s == shards[0])
+    tensors = load_file(ft / shards[1])
+    tensors[first] = load_file(ft / shards[0])[first]  # a stray copy in the second shard
+    save_file(tensors, ft / shards[1])
+    refused(base, [ft], tmp_path / "out", f"holds tensor '{first}', which .* assigns to {shards[0]}")
+
+
+def test_free_space_counts_headers_and_side_files(workdir, tmp_path, monkeypatch):
+    """Before, only tensor bytes were counted: a disk with room for the tensors alone passed."""
+    base, fts = workdir
+    (base / "tokenizer.json").write_bytes(b"x" * 200_000)
+    tensor_bytes = os.path.getsize(base / "model.safetensors")
+    usage = shutil.disk_usage(tmp_path)
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage._replace(free=tensor_bytes + 1000))
+    refused(base, fts, tmp_path / "out", f"only 0.00 GB is free on the file system of {tmp_path}")
+
+
+def test_a_full_disk_while_copying_side_files_names_the_output(workdir, tmp_path, monkeypatch):
+    base, fts = workdir
+
+    def full(source, target):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(shutil, "copyfile", full)
+    (base / "tokenizer.json").write_text("{}")
+    message = refused(base, fts, tmp_path / "out", f"output {tmp_path / 'out'}: No space left on device")
+    assert str(base) not in message
+
+
+def test_inputs_are_unchanged_by_every_refusal(workdir, tmp_path):
+    base, fts = workdir
+    before = {p: p.read_bytes() for d in (base, *fts) for p in d.iterdir()}
+    tensors = load_file(fts[0] / "model.safetensors")
+    tensors["transformer.wte.weight"] = torch.zeros(3, 3)
+    save_file(tensors, fts[0] / "model.safetensors")
+    before[fts[0] / "model.safetensors"] = (fts[0] / "model.safetensors").read_bytes()
+    refused(base, fts, tmp_path / "out", "has shape")
+    assert {p: p.read_bytes() for d in (base, *fts) for p in d.iterdir()} == before
