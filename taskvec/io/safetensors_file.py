@@ -165,7 +165,9 @@ def _is_u64(value: object) -> bool:
 
 
 def _parse_entry(path: Path, name: str, info: object, data_start: int) -> TensorEntry:
-    where = f"{path}: tensor {name!r}"  # repr: a name may hold a newline
+    where = f"{path}: tensor {name!r}"
+    if not name.isprintable():  # a newline in a name would break every one-line error naming it
+        raise TaskvecError(f"{where}: name has unprintable characters (corrupt header)")
     if not isinstance(info, dict) or info.keys() != ENTRY_KEYS:
         raise TaskvecError(f"{where}: corrupt header entry (needs exactly dtype, shape, data_offsets)")
     code, shape, offsets = info["dtype"], info["shape"], info["data_offsets"]
