@@ -56,8 +56,12 @@ def physical_memory() -> int:
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
+WEIGHT_SUFFIXES = (".safetensors", ".bin")
+
+
 def weights_bytes(directory: Path) -> int:
-    return sum(p.stat().st_size for p in Path(directory).glob("*.safetensors"))
+    """Bytes of a model directory's weight files (safetensors or torch .bin)."""
+    return sum(p.stat().st_size for p in Path(directory).iterdir() if p.suffix in WEIGHT_SUFFIXES)
 
 
 IMPORT_STATEMENTS = {"import torch": "import torch", "import taskvec": "import taskvec.cli.merge, taskvec.merge"}

@@ -24,7 +24,14 @@ TARGETS = {
     "rss_mib": 600,  # taskvec peak RSS
     "rss_flat_in_n": 1.10,  # taskvec RSS at N=16 / N=5
     "xl_rss_mib": 2048,  # bigger-than-RAM merge
+    "bin_rss_ratio": 1.5,  # taskvec RSS from .bin inputs / from safetensors inputs (issue 11)
 }
+FORMAT_SUFFIXES = ("-bin", "-lora")  # case ids of the .bin and LoRA cases (benchmarks.tools.Case.id)
+
+
+def safetensors_case(case: str) -> str | None:
+    """The safetensors case a .bin or LoRA case is read against, or None for a safetensors case."""
+    return next((case.removesuffix(s) for s in FORMAT_SUFFIXES if case.endswith(s)), None)
 
 
 @dataclass
@@ -63,6 +70,9 @@ class Book:
         get = self.row
         out = {}
         taskvec, rw, imp = get(case, "taskvec"), get(case, "read+write"), get(case, "import taskvec")
+        sibling = safetensors_case(case)
+        if sibling and imp is None:  # the same import, measured once in the safetensors case
+            imp = get(sibling, "import taskvec")
         if taskvec and rw and imp:
             floor = imp.wall_s + rw.extra["read_s"] + rw.extra["write_s"]
             out["floor_s"] = floor
@@ -74,6 +84,10 @@ class Book:
                 out[f"{other}_rss_ratio"] = row.rss_mib / taskvec.rss_mib
         if taskvec:
             out["rss_mib"] = taskvec.rss_mib
+        reference = get(sibling, "taskvec") if sibling else None
+        if taskvec and reference:  # this format against safetensors inputs, same run
+            out["vs_safetensors_time"] = taskvec.wall_s / reference.wall_s
+            out["vs_safetensors_rss"] = taskvec.rss_mib / reference.rss_mib
         cuda = get(case, "taskvec-cuda")
         if cuda and rw:  # the issue's GPU figure: the whole merge against just reading the inputs
             out["cuda_read_ratio"] = cuda.wall_s / rw.extra["read_s"]
@@ -121,6 +135,18 @@ class Book:
                     s = self.case_summary(case)
                     lines.append(f"| {case} | {self.row(case, 'taskvec-cuda').wall_s:.2f} | "
                                  f"{_fmt(s.get('cuda_read_ratio'), 'x')} | {_fmt(s.get('cuda_speedup'), 'x')} |")
+            format_cases = [c for c in dict.fromkeys(r.case for r in self.rows)
+                            if "vs_safetensors_time" in self.case_summary(c)]
+            if format_cases:
+                lines += ["", "| case | against | taskvec (s) | safetensors (s) | time ratio | taskvec RSS (MiB) "
+                              "| safetensors RSS (MiB) | RSS ratio |",
+                          "|---|---|---:|---:|---:|---:|---:|---:|"]
+                for case in format_cases:
+                    s, sibling = self.case_summary(case), safetensors_case(case)
+                    this, ref = self.row(case, "taskvec"), self.row(sibling, "taskvec")
+                    lines.append(f"| {case} | {sibling} | {this.wall_s:.2f} | {ref.wall_s:.2f} "
+                                 f"| {_fmt(s['vs_safetensors_time'], 'x')} | {this.rss_mib:.0f} "
+                                 f"| {ref.rss_mib:.0f} | {_fmt(s['vs_safetensors_rss'], 'x')} |")
             for five, sixteen, ratio in self.rss_flatness():
                 lines.append(f"\ntaskvec peak RSS {sixteen} / {five}: {ratio:.3f}")
         if self.ops:

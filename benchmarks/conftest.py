@@ -1,7 +1,8 @@
 """Benchmark options, the checkpoint sets the merges run on, and the end-of-run report.
 
 Sizes: `quick` (the default, run by CI with the rest of the suite: tiny shapes, each body once
-as a test), `full` (gpt2 and gpt2-medium shapes, N = 1, 5, 16, a few rounds each) and `xl`
+as a test; safetensors, .bin and LoRA inputs), `full` (gpt2 and gpt2-medium shapes, N = 1, 5,
+16, a few rounds each; .bin and LoRA inputs at gpt2 N=5) and `xl`
 (one gpt2-xl-shaped fp32 merge of N=5, about 36 GB of input: opt-in, needs ~45 GB of disk).
 Choose with `--bench-size` or the TASKVEC_BENCH environment variable. Non-quick sizes turn
 pytest-benchmark's timing on (pyproject's addopts disable it for the test suite).
@@ -70,7 +71,7 @@ def book(pytestconfig) -> Book:
 
 @pytest.fixture(scope="session")
 def checkpoints(pytestconfig, bench_size, tmp_path_factory):
-    """(size, dtype, n) -> Inputs: a synthetic base and n fine-tunes.
+    """(size, dtype, n, format) -> Inputs: a synthetic base and n fine-tunes (or LoRA adapters).
 
     Quick sets live in pytest's temporary directory. Bigger ones are generated once into
     --bench-dir and kept between runs, since a gpt2-medium set takes minutes to write.
@@ -79,4 +80,4 @@ def checkpoints(pytestconfig, bench_size, tmp_path_factory):
         root = tmp_path_factory.mktemp("bench-checkpoints")
     else:
         root = Path(pytestconfig.getoption("--bench-dir") or Path(tempfile.gettempdir()) / "taskvec-bench")
-    return lambda size, dtype, n: ensure_checkpoints(root, size, dtype, n)
+    return lambda size, dtype, n, format="safetensors": ensure_checkpoints(root, size, dtype, n, format)

@@ -3,7 +3,8 @@
 For each case (a checkpoint set), in order, each starting with the inputs read once into the
 page cache where they fit (warm-cache timings; the xl set cannot fit): the floor measurements (a fresh `import torch`, a
 fresh import of taskvec's merge command, reading every input once plus writing one output),
-then each merge tool as a subprocess, its wall time and peak RSS measured by a fresh wrapper
+then each merge tool as a subprocess (taskvec only for the .bin and LoRA cases, which follow the
+safetensors case of the same weights), its wall time and peak RSS measured by a fresh wrapper
 process (benchmarks/measure.py). Every tool's output is checked against a float64 reference.
 The session ends with a table of medians and ratios (see benchmarks/README.md).
 """
@@ -26,12 +27,14 @@ from benchmarks.baselines import (
 from benchmarks.book import Row
 from benchmarks.check import check_negated_mean
 from benchmarks.measure import measure
-from benchmarks.tools import BASELINES, MERGERS, Case, command, unavailable
+from benchmarks.tools import MERGERS, Case, command, unavailable
 
 CASES = {
-    "quick": [Case("tiny", 2)],
-    # the comparison first, then scaling in N (same set) and in model size
-    "full": [Case("gpt2", 5), Case("gpt2", 1), Case("gpt2", 16), Case("tiny", 5), Case("gpt2-medium", 5)],
+    "quick": [Case("tiny", 2), Case("tiny", 2, format="bin"), Case("tiny", 2, format="lora")],
+    # the comparison first, the same merge from .bin and from LoRA adapters, then scaling in N
+    # (same set) and in model size
+    "full": [Case("gpt2", 5), Case("gpt2", 5, format="bin"), Case("gpt2", 5, format="lora"),
+             Case("gpt2", 1), Case("gpt2", 16), Case("tiny", 5), Case("gpt2-medium", 5)],
     "xl": [Case("gpt2-xl", 5)],
 }
 XL_TOOLS = ("import taskvec", "read+write", "taskvec", "taskvec-cuda")  # the others would need 5x RAM
@@ -41,8 +44,8 @@ def pytest_generate_tests(metafunc):
     if "case" not in metafunc.fixturenames:
         return
     size = metafunc.config.getoption("--bench-size")
-    tools = XL_TOOLS if size == "xl" else BASELINES + MERGERS
-    runs = [(case, tool) for case in CASES[size] for tool in tools]  # case-major: warm cache per case
+    runs = [(case, tool) for case in CASES[size]  # case-major: warm cache per case
+            for tool in (XL_TOOLS if size == "xl" else case.tools)]
     metafunc.parametrize(("case", "tool"), runs, ids=[f"{c.id}-{t.replace(' ', '_')}" for c, t in runs])
 
 
@@ -50,8 +53,8 @@ def test_merge(case, tool, benchmark, checkpoints, bench_rounds, book):
     reason = unavailable(tool)
     if reason:
         pytest.skip(reason)
-    inputs = checkpoints(case.size, case.dtype, case.n)
-    workdir = inputs.base.parent / "bench-work"
+    inputs = checkpoints(case.size, case.dtype, case.n, case.format)
+    workdir = inputs.finetuned[0].parent / "bench-work"  # per set (a LoRA set shares its base)
     workdir.mkdir(exist_ok=True)
     row = Row(case.id, tool)
     benchmark.group = case.id
