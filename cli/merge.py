@@ -22,7 +22,7 @@ def _output_options(command):
         click.option("--overwrite", is_flag=True, help="Replace OUTPUT if it exists."),
         click.option("--strict", is_flag=True,
                      help="Refuse fine-tune tensors the base does not have (a value head, a classifier) "
-                          "instead of leaving them out with a note."),
+                          "and NaN/inf values in the output, instead of a note for each."),
         click.option("--progress/--no-progress", default=None,
                      help="Progress bar [default: only on a terminal]."),
     ]

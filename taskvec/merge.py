@@ -398,18 +398,28 @@ class JobReader:
 
 
 class JobWriter:
-    """Scatters a job's output bytes to its segments' places in the shards."""
+    """Scatters a job's output bytes to its segments' places in the shards, counting the
+    non-finite values each tensor gets on the way (a NaN in an input, an overflow of the output
+    dtype): both executors hand every result to this, while it is still in cache."""
 
     def __init__(self, shards: ShardWriter) -> None:
         self.shards = shards
+        self.nonfinite: dict[str, int] = {}
 
     def write_job(self, job: Job, buffer: torch.Tensor) -> None:
         view = memoryview(buffer.numpy())
         size = job.out_dtype.itemsize
+        values = buffer[:job.nbytes_out].view(job.out_dtype) if job.kind == "combine" else None
+        finite = values is None or bool(torch.isfinite(values).all())
         position = 0
         for segment in job.segments:
             nbytes = segment.numel * size
             self.shards.write(segment.name, segment.start * size, view[position:position + nbytes])
+            if not finite:
+                part = values[position // size:(position + nbytes) // size]
+                bad = part.numel() - int(torch.isfinite(part).sum())
+                if bad:
+                    self.nonfinite[segment.name] = self.nonfinite.get(segment.name, 0) + bad
             position += nbytes
 
 
@@ -600,8 +610,8 @@ def merge_checkpoints(
     'average' (mean of the fine-tunes; no base). Inputs are model directories (safetensors or
     PyTorch .bin, single or sharded), single weight files, PEFT LoRA adapter directories, or hub
     ids. dtype: output dtype of floating tensors (default: the base's). strict: refuse fine-tune
-    tensors the base does not have instead of leaving them out. progress: a tqdm bar (None: only
-    on a terminal).
+    tensors the base does not have instead of leaving them out, and NaN/inf in the output
+    instead of noting them. progress: a tqdm bar (None: only on a terminal).
     """
     from tqdm.auto import tqdm
 
@@ -643,22 +653,54 @@ def merge_checkpoints(
     reader = JobReader()
     with staged_directory(output, overwrite) as staging:
         shards = ShardWriter(staging, plan.outputs, parse_size(max_shard_size), metadata)
+        writer = JobWriter(shards)
         bar = tqdm(total=plan.bytes_read, unit="B", unit_scale=True, desc=f"taskvec {chosen.name}",
                    disable=None if progress is None else not progress)
         try:
-            with _output_errors(output):
-                executor.run(plan, reader, JobWriter(shards), bar)
+            with _output_errors(output), shards:
+                executor.run(plan, reader, writer, bar)
+                nonfinite = _nonfinite_notes(plan, reader, writer.nonfinite)
+                if nonfinite and strict:
+                    raise TaskvecError(f"{nonfinite[0]}; refused by --strict")
         finally:
             bar.close()
             reader.close()
-            with _output_errors(output):
-                shards.close()
         with _output_errors(output):
             skipped = copy_side_files(checkpoints[0], staging, config_updates)
             write_json(staging / PROVENANCE_FILE, provenance, fsync=False)
-    notes = plan.notes + [f"not copied from {checkpoints[0].label}: {item}" for item in skipped]
+    notes = plan.notes + nonfinite + [f"not copied from {checkpoints[0].label}: {item}" for item in skipped]
     return MergeResult(output, shards.files, plan.bytes_read, sum(spec.nbytes for spec in plan.outputs),
                        time.perf_counter() - started, notes)
+
+
+def _nonfinite_notes(plan: MergePlan, reader: JobReader, counts: dict[str, int], shown: int = 5) -> list[str]:
+    """One line per output tensor with NaN/inf, saying whether an input holds them or the result
+    overflows its dtype. Inputs are re-read only for those tensors, so a clean merge pays nothing."""
+    notes = []
+    dtypes = {spec.name: spec.dtype for spec in plan.outputs}
+    for name in list(counts)[:shown]:
+        culprits = _nonfinite_inputs(plan, reader, name)
+        cause = (", ".join(f"{label} holds {n}" for label, n in culprits.items()) if culprits
+                 else f"the inputs are finite: the result overflows {dtypes[name]}")
+        notes.append(f"tensor '{name}': {counts[name]} NaN/inf values in the output ({cause})")
+    if len(counts) > shown:
+        notes.append(f"{len(counts) - shown} more tensors hold NaN/inf values in the output")
+    return notes
+
+
+def _nonfinite_inputs(plan: MergePlan, reader: JobReader, name: str) -> dict[str, int]:
+    found: dict[str, int] = {}
+    for job in plan.jobs:
+        for segment in job.segments:
+            if segment.name != name:
+                continue
+            for index, checkpoint in enumerate(plan.inputs):
+                values = torch.empty(segment.numel, dtype=job.in_dtype)
+                reader.read_segment(segment.sources[index], segment.start, values)
+                bad = segment.numel - int(torch.isfinite(values).sum())
+                if bad:
+                    found[checkpoint.label] = found.get(checkpoint.label, 0) + bad
+    return found
 
 
 def _label(name: str | Path, path: Path) -> str:

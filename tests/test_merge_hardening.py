@@ -22,9 +22,9 @@ def workdir(synthetic_sets, tmp_path):
     return base, fts
 
 
-def refused(base, fts, out, match):
+def refused(base, fts, out, match, **options):
     with pytest.raises(TaskvecError, match=match) as caught:
-        merge_checkpoints(fts, out, base=base, progress=False)
+        merge_checkpoints(fts, out, base=base, progress=False, **options)
     assert "\n" not in str(caught.value)
     assert not out.exists() and not [p for p in out.parent.iterdir() if p.name.startswith(f".{out.name}.")]
     return str(caught.value)
@@ -133,3 +133,28 @@ def test_inputs_are_unchanged_by_every_refusal(workdir, tmp_path):
     before[fts[0] / "model.safetensors"] = (fts[0] / "model.safetensors").read_bytes()
     refused(base, fts, tmp_path / "out", "has shape")
     assert {p: p.read_bytes() for d in (base, *fts) for p in d.iterdir()} == before
+
+
+def test_nan_in_an_input_is_reported_and_refused_with_strict(workdir, tmp_path):
+    base, fts = workdir
+    tensors = load_file(fts[1] / "model.safetensors")
+    tensors["transformer.h.0.ln_1.bias"][3] = float("nan")
+    tensors["transformer.h.0.ln_1.bias"][5] = float("inf")
+    save_file(tensors, fts[1] / "model.safetensors")
+    result = merge_checkpoints(fts, tmp_path / "out", base=base, chunk_size=64, progress=False)
+    assert "tensor 'transformer.h.0.ln_1.bias': 2 NaN/inf values in the output (ft1 holds 2)" in result.notes
+    message = refused(base, fts, tmp_path / "strict", "ln_1.bias': 2 NaN/inf .*refused by --strict", strict=True)
+    assert "ft1 holds 2" in message
+
+
+def test_overflow_of_the_output_dtype_is_reported(workdir, tmp_path):
+    base, fts = workdir
+    result = merge_checkpoints(fts, tmp_path / "out", base=base, scale=1e9, dtype="float16", progress=False)
+    overflow = [n for n in result.notes if "the inputs are finite: the result overflows F16" in n]
+    assert overflow, result.notes
+    merged = load_file(tmp_path / "out" / "model.safetensors")
+    name = overflow[0].split("'")[1]
+    counted = int(overflow[0].split(": ")[1].split(" ")[0])
+    assert counted == int((~torch.isfinite(merged[name])).sum())
+    clean = merge_checkpoints(fts, tmp_path / "clean", base=base, progress=False)
+    assert not [n for n in clean.notes if "NaN/inf" in n]

@@ -10,7 +10,6 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
-from test_train import FAST, TEXTS, KillAfterSave, Killed, RecordSteps, make_base, make_tokenizer, run
 from transformers import AutoModelForCausalLM, TrainerCallback
 
 from taskvec.data import save_splits
@@ -18,6 +17,7 @@ from taskvec.errors import TaskvecError
 from taskvec.train import MARKER, TrainConfig, cast_saved_weights, finetune, train_splits
 
 from helpers import load_dir
+from test_train import FAST, TEXTS, KillAfterSave, Killed, RecordSteps, make_base, make_tokenizer, run
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 ZERO3 = EXAMPLES / "deepspeed" / "zero3-bf16.json"
