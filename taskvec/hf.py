@@ -51,11 +51,14 @@ def load_causal_lm(model_dir: str | Path, dtype: torch.dtype | str = "auto") -> 
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
     from taskvec.io.checkpoint import resolve_model_path
+    from taskvec.jsonfile import read_json
 
     where = str(model_dir)
     path = resolve_model_path(model_dir)  # a hub id is fetched once, failing fast when offline
     if path.exists() and not (path / "config.json").is_file():
         raise TaskvecError(f"{where} is not a model directory (no config.json)")
+    if path.exists():
+        read_json(path / "config.json", expect=dict)  # hostile JSON: one line, not a RecursionError
     with quiet_transformers():
         try:
             config = AutoConfig.from_pretrained(path)

@@ -35,6 +35,8 @@ def parse_json(text: str | bytes, where: str | Path, expect: type | None = None,
         raise TaskvecError(f"{where}: not valid JSON ({err})") from None
     except RecursionError:
         raise TaskvecError(f"{where}: JSON nested too deeply to read") from None
+    except ValueError as err:  # an integer longer than Python converts (sys.get_int_max_str_digits)
+        raise TaskvecError(f"{where}: not valid JSON ({err})") from None
     if expect is not None and not isinstance(value, expect):
         raise TaskvecError(f"{where}: expected {_KINDS.get(expect, expect.__name__)}, "
                            f"found {type(value).__name__}")

@@ -13,6 +13,7 @@ from taskvec.jsonfile import parse_json, read_json, write_json
     (b'{"a": ' * 50_000 + b"1" + b"}" * 50_000, "nested too deeply"),
     (b"[1, 2]", "expected a JSON object, found list"),
     (b'"text"', "expected a JSON object, found str"),
+    (b'{"n": ' + b"9" * 5000 + b"}", "not valid JSON (Exceeds the limit"),
 ])
 def test_bad_json_is_one_line_naming_the_file(tmp_path, raw, message):
     path = tmp_path / "bad.json"

@@ -191,3 +191,13 @@ def test_eval_bad_prompt_files(tmp_path, name, kind):
     error = refused(tmp_path, "eval", tmp_path / "no-model", "-o", tmp_path / "out", "--prompts", prompts,
                     "--no-perplexity", "--scorer", "better-profanity", where=f"{prompts}:2: ")
     assert message in error
+
+
+@pytest.mark.parametrize("config", [b'{"a": ' * DEEP + b"1" + b"}" * DEEP, b"[1, 2]", b'{"n": ' + b"9" * 5000 + b"}"])
+def test_eval_of_a_model_with_a_hostile_config(tmp_path, config):
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "config.json").write_bytes(config)
+    (tmp_path / "ppl.txt").write_text("some text\n")
+    refused(tmp_path, "eval", model, "-o", tmp_path / "out", "--ppl-file", tmp_path / "ppl.txt", "--no-toxicity",
+            where=f"{model / 'config.json'}: ")
