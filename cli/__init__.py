@@ -18,6 +18,7 @@ COMMANDS = {
     "merge": "merge:merge",
     "average": "merge:average",
     "negate": "merge:negate",
+    "inspect": "inspect:inspect",
     "data": "data:data",
     "train-splits": "train:train_splits",
     "eval": "evaluate:eval_command",

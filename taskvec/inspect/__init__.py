@@ -1,0 +1,162 @@
+"""Statistics of task vectors, streamed: the paper's "decoupling" evidence for any set of models.
+
+`inspect_checkpoints` reads a base, N fine-tunes and any merged models once, chunk by chunk,
+through the merge's own planning and readers (taskvec.merge: canonical names, dtype casts,
+LoRA adapters, its one-line errors), and measures tau_i = ft_i - base, their mean and M - base:
+norms, extremes, near-zero shares on absolute and per-tensor relative scales, histograms of
+|tau| on both scales, and cosines and sign agreement across vectors (docs/inspect.md).
+
+    accumulators  float64 sums, exact counts, the per-tensor relative grid
+    stream        the pass over the plan's jobs
+    summary       statistics from the sums, per tensor, group and overall
+    groups        tensor groups by name
+    report        stats.json, tensors.csv, counts.npy/bin_edges.npy, the terminal table
+    plots         the PNGs (matplotlib, imported only for them)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+from taskvec.errors import TaskvecError
+from taskvec.inspect.settings import Settings
+
+__all__ = ["DEFAULT_CHUNK_SIZE", "Settings", "inspect_checkpoints"]
+
+DEFAULT_CHUNK_SIZE = "16MiB"  # float32 bytes of all vectors' chunks together
+
+
+def inspect_checkpoints(
+    base: str | Path,
+    finetuned: Sequence[str | Path] = (),
+    *,
+    merged: Sequence[str | Path] = (),
+    output: str | Path | None = None,
+    chunk_size: str | int = DEFAULT_CHUNK_SIZE,
+    device: str = "cpu",
+    plot: bool = True,
+    overwrite: bool = False,
+    strict: bool = False,
+    progress: bool | None = None,
+    **settings,
+) -> dict:
+    """Measure the task vectors of `finetuned` (and `merged`) against `base` in one pass; return
+    the statistics (stats.json's content), and with `output` write the report there.
+
+    settings: the fields of `Settings` (p, thresholds, rms_fractions, std_fractions, bins,
+    range, norm_range, log_bins, log_decades). chunk_size: elements per step as float32 bytes,
+    shared by all vectors, so memory does not grow with their number. device: cpu or cuda.
+    """
+    import torch
+    from tqdm.auto import tqdm
+
+    from taskvec import __version__
+    from taskvec.inspect.stream import run_pass
+    from taskvec.inspect.summary import summarize
+    from taskvec.io.checkpoint import open_checkpoint, resolve_model_path
+    from taskvec.io.shards import parse_size
+    from taskvec.merge import plan_merge
+
+    chosen = Settings(**settings)
+    finetuned, merged = list(finetuned), list(merged)
+    if not finetuned and not merged:
+        raise TaskvecError("nothing to inspect: give at least one fine-tuned or merged model")
+    names = [base, *finetuned, *merged]
+    paths = [resolve_model_path(name) for name in names]
+    _check_distinct(paths)
+    if output is not None:
+        from taskvec.outputs import check_output
+
+        output = check_output(output, paths, overwrite)
+    where = _device(device, torch)
+    checkpoints = [open_checkpoint(path, _label(name, path)) for name, path in zip(names, paths, strict=True)]
+    n_finetuned = len(finetuned)
+    vectors = _unique([c.label for c in checkpoints[1:1 + n_finetuned]] + ["mean"] * (n_finetuned >= 2)
+                      + [c.label for c in checkpoints[1 + n_finetuned:]])
+    per_vector = max(4, parse_size(chunk_size) // len(vectors))
+    plan = plan_merge(checkpoints, 1.0, 0.0, None, per_vector, strict=strict)  # the coefficients are unused
+    skipped = [spec.name for spec in plan.outputs if spec.dtype not in ("F16", "BF16", "F32", "F64")]
+    if len(skipped) == len(plan.outputs):
+        raise TaskvecError(f"{checkpoints[0].path}: no floating-point tensors to inspect")
+    notes = plan.notes + ([f"{len(skipped)} integer or boolean buffers skipped ({', '.join(skipped[:3])}"
+                           f"{' ...' if len(skipped) > 3 else ''})"] if skipped else [])
+    bytes_read = sum(job.nbytes_in * plan.n_inputs for job in plan.jobs if job.kind == "combine")
+    bar = tqdm(total=bytes_read, unit="B", unit_scale=True, desc="taskvec inspect",
+               disable=None if progress is None else not progress)
+    try:
+        result = run_pass(plan, n_finetuned, len(merged), chosen, where, bar)
+    finally:
+        bar.close()
+    shapes = {spec.name: spec.shape for spec in plan.outputs}
+    stats = {
+        "taskvec_version": __version__,
+        "base": checkpoints[0].label,
+        "finetuned": [c.label for c in checkpoints[1:1 + n_finetuned]],
+        "merged": [c.label for c in checkpoints[1 + n_finetuned:]],
+        "vectors": vectors,
+        "settings": chosen.as_dict() | {"relative_grid_bits": 8},
+        "notes": notes,
+        "bytes_read": bytes_read,
+        **summarize(result.tensors, shapes, result.base_std, vectors, n_finetuned, chosen),
+        "histograms": {kind: _histogram(counts, chosen.edges(top), vectors) for kind, counts, top in (
+            ("absolute", result.hist_abs, chosen.range), ("normalised", result.hist_norm, chosen.norm_range))},
+    }
+    if output is not None:
+        _write(Path(output), stats, plot, overwrite)
+    return stats
+
+
+def _write(output: Path, stats: dict, plot: bool, overwrite: bool) -> None:
+    from taskvec.inspect.report import write_report
+    from taskvec.outputs import staged_directory
+
+    with staged_directory(output, overwrite) as staging:
+        write_report(staging, stats)
+        if plot:
+            from taskvec.inspect.plots import write_plots
+
+            write_plots(staging, stats)
+
+
+def _histogram(counts, edges, vectors: list[str]) -> dict:
+    """A histogram as numpy.histogram gives it (`bins` counts, `bins + 1` edges), and what fell
+    outside its range."""
+    return {"edges": edges.tolist(),
+            "counts": {v: counts[row, 1:-1].tolist() for row, v in enumerate(vectors)},
+            "below_range": {v: int(counts[row, 0]) for row, v in enumerate(vectors)},
+            "above_range": {v: int(counts[row, -1]) for row, v in enumerate(vectors)}}
+
+
+def _device(name: str, torch):
+    if name not in ("cpu", "cuda"):
+        raise TaskvecError(f"unknown device {name!r}: use cpu or cuda")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise TaskvecError("--device cuda: no CUDA device is available (use --device cpu)")
+    return torch.device(name)
+
+
+def _label(name: str | Path, path: Path) -> str:
+    """An input as the report names it: a hub id as given, a local one by its own name."""
+    if Path(name) != path:
+        return str(name)
+    return path.name if path.is_dir() else f"{path.parent.name}/{path.name}"
+
+
+def _unique(labels: list[str]) -> list[str]:
+    """Vector names, numbered where two inputs share a directory name."""
+    seen: dict[str, int] = {}
+    result = []
+    for label in labels:
+        seen[label] = seen.get(label, 0) + 1
+        result.append(label if seen[label] == 1 and labels.count(label) == 1 else f"{label}#{seen[label]}")
+    return result
+
+
+def _check_distinct(paths: list[Path]) -> None:
+    seen: dict[Path, Path] = {}
+    for path in paths:
+        key = path.resolve()
+        if key in seen:
+            raise TaskvecError(f"{path} is given twice (also as {seen[key]})")
+        seen[key] = path

@@ -1,0 +1,88 @@
+"""The one pass: the merge's plan and readers feed each job's task vectors to the accumulators.
+
+Inputs are [base, fine-tunes..., merged...]; each input's chunk of a job arrives in the job's
+dtype from the merge's JobReader, on the merge's Prefetcher thread, and becomes one row of a
+float64 (vectors x elements) matrix: tau_i = ft_i - base, then the mean of the fine-tunes' rows
+(for two or more), then M - base for each merged model. Memory is that matrix and a few
+temporaries of its size, whatever the model, so the chunk is divided among the vectors.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from taskvec.inspect.accumulators import Binning, TensorAccumulator, Totals, grid_keys
+from taskvec.inspect.settings import Settings
+from taskvec.merge import JobReader, MergePlan, Prefetcher
+
+
+@dataclass
+class PassResult:
+    tensors: dict[str, Totals]  # in the plan's order
+    base_std: dict[str, float]
+    hist_abs: torch.Tensor  # (vectors, bins + 2): below, bins..., above
+    hist_norm: torch.Tensor
+
+
+def run_pass(plan: MergePlan, n_finetuned: int, n_merged: int, settings: Settings, device: torch.device,
+             progress) -> PassResult:
+    with_mean = n_finetuned >= 2
+    rows = n_finetuned + with_mean + n_merged
+    jobs = [job for job in plan.jobs if job.kind == "combine"]
+    abs_binning = Binning(settings.edges(settings.range), settings.log_bins, device)
+    norm_binning = Binning(settings.edges(settings.norm_range), settings.log_bins, device)
+    hist_abs = torch.zeros(rows, abs_binning.slots_count, dtype=torch.int64, device=device)
+    hist_norm = torch.zeros_like(hist_abs)
+    open_tensors: dict[str, TensorAccumulator] = {}
+    tensors: dict[str, Totals] = {}
+    base_std: dict[str, float] = {}
+    reader = JobReader()
+    reads = [(job, index) for job in jobs for index in range(plan.n_inputs)]
+    chunks = Prefetcher(reader, reads, max((job.nbytes_in for job in jobs), default=0))
+    try:
+        for job in jobs:
+            base, tau = _task_vectors(job, chunks, plan.n_inputs, n_finetuned, with_mean, device)
+            magnitude = tau.abs()
+            hist_abs += abs_binning.count_rows(magnitude)
+            keys = grid_keys(magnitude)
+            position = 0
+            for segment in job.segments:
+                end = position + segment.numel
+                total = segment.sources[0].numel
+                accumulator = open_tensors.get(segment.name)
+                if accumulator is None:
+                    accumulator = open_tensors[segment.name] = TensorAccumulator(total, rows, n_finetuned,
+                                                                                 settings, device)
+                accumulator.add(tau[:, position:end], magnitude[:, position:end], keys[:, position:end],
+                                base[position:end])
+                if segment.start + segment.numel == total:
+                    tensors[segment.name] = open_tensors.pop(segment.name).finish(norm_binning, hist_norm)
+                    base_std[segment.name] = accumulator.base_std
+                position = end
+            progress.update(job.nbytes_in * plan.n_inputs)
+    finally:
+        chunks.close()
+        reader.close()
+    order = [spec.name for spec in plan.outputs if spec.name in tensors]
+    return PassResult({name: tensors[name] for name in order}, base_std, hist_abs.cpu(), hist_norm.cpu())
+
+
+def _task_vectors(job, chunks: Prefetcher, n_inputs: int, n_finetuned: int, with_mean: bool,
+                  device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """The job's base chunk and its (vectors x elements) task vectors, in float64."""
+    base = torch.empty(job.numel, dtype=torch.float64, device=device)
+    tau = torch.empty(n_inputs - 1 + with_mean, job.numel, dtype=torch.float64, device=device)
+    for index in range(n_inputs):
+        raw = chunks.take()
+        values = raw[:job.nbytes_in].view(job.in_dtype)
+        if index == 0:
+            base.copy_(values)
+        else:
+            row = index - 1 + (with_mean and index > n_finetuned)
+            tau[row].copy_(values).sub_(base)
+        chunks.give_back(raw)
+    if with_mean:
+        torch.mean(tau[:n_finetuned], 0, out=tau[n_finetuned])
+    return base, tau
