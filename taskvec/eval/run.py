@@ -34,14 +34,16 @@ def evaluate(model_dir: str | Path, output_dir: str | Path, *, ppl_texts: Sequen
              prompt_prefix: str = "", batch_size: int = 50, seed: int = 0, threshold: float = 0.5,
              stride: int = 512, max_length: int | None = None, ppl_max_tokens: int | None = None,
              device: str = "auto", overwrite: bool = False, progress: bool | None = None,
-             settings: dict | None = None) -> dict:
+             settings: dict | None = None, loaded: tuple | None = None) -> dict:
     """Evaluate `model_dir` into `output_dir` and return the summary that is saved there.
 
     ppl_texts: the clean corpus (None skips perplexity). prompts: the toxicity prompts (None
     skips generation). scorer: a Scorer or a scorer name; it is created before the model is
     loaded, so a scorer that cannot load fails before any generation. prompt_prefix: text the
     model sees before each prompt, never scored (see protocols.py). settings: extra entries
-    for the summary's settings (e.g. where the prompts came from).
+    for the summary's settings (e.g. where the prompts came from). loaded: (model, tokenizer) as
+    load_model gave them for `model_dir`, for callers that evaluate one model several times (a
+    sweep's sampling seeds); None loads it here.
     """
     from taskvec.eval.likelihood import perplexity
     from taskvec.eval.model import context_length, load_model
@@ -55,7 +57,7 @@ def evaluate(model_dir: str | Path, output_dir: str | Path, *, ppl_texts: Sequen
         scorer = get_scorer(scorer) if isinstance(scorer, str) else scorer
     seconds, records = {}, []
     with _timed(seconds, "load"):
-        model, tokenizer = load_model(model_dir, device)
+        model, tokenizer = loaded or load_model(model_dir, device)
     summary = {"taskvec_version": __version__, "model": str(model_dir), "perplexity": None,
                "scorer": None, "metrics": None, "generations": None,
                "settings": {"device": str(model.device), **(settings or {})}}
