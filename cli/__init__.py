@@ -25,6 +25,7 @@ COMMANDS = {
     "score": "evaluate:score",
     "compare": "evaluate:compare",
     "demo": "demo:demo",
+    "sweep": "sweep:sweep",
 }
 
 
