@@ -4,13 +4,16 @@ import functools
 
 import click
 
+from taskvec.cli.options import SCALES
+from taskvec.dtypes import OUTPUT_DTYPES
+
 
 def _output_options(command):
     """Options every merge command shares."""
     options = [
         click.option("--output", "-o", required=True, type=click.Path(file_okay=False),
                      help="Directory to write the merged model to (created; must not exist)."),
-        click.option("--dtype", type=click.Choice(["float32", "float16", "bfloat16"]),
+        click.option("--dtype", type=click.Choice(OUTPUT_DTYPES),
                      default=None, help="Dtype of floating tensors in the output [default: the inputs']."),
         click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto",
                      show_default=True,
@@ -36,11 +39,12 @@ def _run(**kwargs):
     for note in result.notes:
         click.echo(f"note: {note}", err=True)
     gigabytes = result.bytes_written / 1e9
+    models = f"{len(result.outputs)} models, " if len(result.outputs) > 1 else ""
     click.echo(
-        f"wrote {result.output} ({len(result.files)} shard{'s' * (len(result.files) > 1)}, "
-        f"{gigabytes:.3f} GB) in {result.seconds:.2f} s"
+        f"wrote {result.output} ({models}{len(result.files)} shard{'s' * (len(result.files) > 1)}"
+        f"{' each' if models else ''}, {gigabytes:.3f} GB) in {result.seconds:.2f} s"
     )
-    if not (result.output / "config.json").exists():
+    if not (result.outputs[0] / "config.json").exists():
         click.echo(f"note: no config.json beside the {'first input' if kwargs.get('base') is None else 'base'}, "
                    f"so {result.output} holds weights only; add a config to load it with from_pretrained",
                    err=True)
@@ -49,8 +53,9 @@ def _run(**kwargs):
 @click.command()
 @click.argument("finetuned", nargs=-1, required=True, type=click.Path(exists=False))
 @click.option("--base", required=True, type=click.Path(), help="The pretrained (base) model directory.")
-@click.option("--scale", "-l", type=float, default=1.0, show_default=True,
-              help="lambda: how far to move away from the averaged task vector.")
+@click.option("--scale", "-l", type=SCALES, default=1.0, show_default=True,
+              help="lambda: how far to move away from the averaged task vector. A list (0.1,0.5,1) or a "
+                   "range (0.1:1.0:0.1) writes OUTPUT/scale-X for each, from one read of the inputs.")
 @_output_options
 def merge(finetuned, base, scale, **options):
     """Negate the averaged task vector of FINETUNED models from BASE.
@@ -89,8 +94,8 @@ def average(finetuned, **options):
 @click.command()
 @click.option("--base", required=True, type=click.Path(), help="The pretrained (base) model directory.")
 @click.option("--finetuned", required=True, type=click.Path(), help="One fine-tuned model directory.")
-@click.option("--scale", "-l", type=float, default=1.0, show_default=True,
-              help="lambda: how far to move away from the task vector.")
+@click.option("--scale", "-l", type=SCALES, default=1.0, show_default=True,
+              help="lambda: how far to move away from the task vector; a list or range as for merge.")
 @_output_options
 def negate(base, finetuned, scale, **options):
     """Negate a single task vector: out = base - scale * (finetuned - base).

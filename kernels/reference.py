@@ -1,7 +1,8 @@
 """Pure-torch path of the fused merge: the CPU implementation and the kernels' reference.
 
 Fine-tunes may be given as any iterable (a generator that refills one buffer works), so the
-streaming CPU merge reads one fine-tune chunk at a time and memory stays flat in N.
+streaming CPU merge reads one fine-tune chunk at a time and memory stays flat in N. The sum and
+the linear form are separate steps, so many scales can be written from one sum.
 """
 
 from collections.abc import Iterable
@@ -27,29 +28,42 @@ def combine_reference(
     so is ``scratch`` (like ``acc``), into which 16-bit inputs are widened before they are added:
     several times faster on CPU than torch's mixed-dtype in-place add.
     """
-    out_dtype = base.dtype if dtype is None else dtype
+    acc = sum_reference(base, finetuned, acc=acc, scratch=scratch)
+    return linear_reference(acc, base, base_coef, sum_coef, dtype=dtype, out=out, scratch=scratch)
+
+
+def sum_reference(base: torch.Tensor, finetuned: Iterable[torch.Tensor], *, acc: torch.Tensor | None = None,
+                  scratch: torch.Tensor | None = None) -> torch.Tensor:
+    """``sum(finetuned)`` in float32 (in ``acc`` when given), shaped like ``base``."""
     tensors = iter(finetuned)
     first = next(tensors, None)
     if first is None:
         raise ValueError("combine_reference needs at least one fine-tuned tensor")
-    if acc is None:
-        acc = first.to(torch.float32, copy=True)
-    else:
-        acc = acc.view(base.shape).copy_(first)
-
-    def widened(tensor: torch.Tensor) -> torch.Tensor:
-        nonlocal scratch
-        if tensor.dtype == acc.dtype:
-            return tensor
-        if scratch is None:
-            scratch = torch.empty_like(acc)
-        return scratch.view(tensor.shape).copy_(tensor)
-
+    acc = first.to(torch.float32, copy=True) if acc is None else acc.view(base.shape).copy_(first)
     for tensor in tensors:
-        acc.add_(widened(tensor))
-    acc.mul_(sum_coef).add_(widened(base), alpha=base_coef)
+        acc.add_(_widened(tensor, acc, scratch))
+    return acc
+
+
+def linear_reference(acc: torch.Tensor, base: torch.Tensor, base_coef: float, sum_coef: float, *,
+                     dtype: torch.dtype | None = None, out: torch.Tensor | None = None,
+                     work: torch.Tensor | None = None, scratch: torch.Tensor | None = None) -> torch.Tensor:
+    """``base_coef * base + sum_coef * acc`` in ``dtype`` (default: base's). Computed in ``acc``
+    itself, or in ``work`` (like ``acc``) when the sum is needed again for another scale."""
+    out_dtype = base.dtype if dtype is None else dtype
+    result = acc if work is None else work.view(acc.shape).copy_(acc)
+    result.mul_(sum_coef).add_(_widened(base, result, scratch), alpha=base_coef)
     if out is None:
-        return acc.to(out_dtype)
+        return result.to(out_dtype)
     out = out.view(base.shape)
-    out.copy_(acc)
+    out.copy_(result)
     return out
+
+
+def _widened(tensor: torch.Tensor, like: torch.Tensor, scratch: torch.Tensor | None) -> torch.Tensor:
+    """`tensor` in `like`'s dtype: itself when it already is, else copied into `scratch`."""
+    if tensor.dtype == like.dtype:
+        return tensor
+    if scratch is None:
+        return tensor.to(like.dtype)
+    return scratch.view(tensor.shape).copy_(tensor)

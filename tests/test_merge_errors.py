@@ -174,11 +174,11 @@ def test_existing_output_needs_overwrite(workdir, tmp_path):
 def test_failure_midway_leaves_nothing(workdir, tmp_path, monkeypatch):
     base, fts = workdir
 
-    def explode(self, plan, reader, writer, progress):
-        writer.write_job(plan.jobs[0], torch.zeros(plan.jobs[0].nbytes_out, dtype=torch.uint8))
+    def explode(self, plan, forms, reader, writers, progress):
+        writers[0].write_job(plan.jobs[0], torch.zeros(plan.jobs[0].nbytes_out, dtype=torch.uint8))
         raise TaskvecError("disk full")
 
-    monkeypatch.setattr("taskvec.merge.CpuExecutor.run", explode)
+    monkeypatch.setattr("taskvec.stream.cpu.CpuExecutor.run", explode)
     expect_error(base, fts, tmp_path / "out", "disk full", device="cpu")
 
 

@@ -14,7 +14,7 @@ from helpers import assert_close_to_reference, error_bound, load_dir, negated_me
 pytest.importorskip("triton")
 
 from taskvec import merge  # noqa: E402
-from taskvec.cuda_stream import CudaExecutor  # noqa: E402
+from taskvec.stream.cuda import CudaExecutor  # noqa: E402
 
 SHAPES = {  # name -> (shape, dtype): split tensors, packed small ones, every job kind
     "a.weight": ((257, 9), torch.float32),
@@ -61,9 +61,9 @@ def test_pipeline_matches_float64(device, mixed_checkpoints, tmp_path, monkeypat
     runs = []
 
     class Recording(CudaExecutor):
-        def run(self, plan, reader, writer, progress):
+        def run(self, plan, forms, reader, writers, progress):
             counter = CountingProgress()
-            super().run(plan, reader, writer, counter)
+            super().run(plan, forms, reader, writers, counter)
             runs.append((plan, counter.n))
 
     monkeypatch.setattr(merge, "make_executor", lambda _: Recording(device))
@@ -140,14 +140,14 @@ def test_slow_kernels_and_pending_work_do_not_break_the_buffer_order(mixed_check
     """Stretch every step of the pipeline so that a missing wait shows as wrong bytes: each
     compute waits ~1 ms before its kernel, and the caller's stream has a long kernel queued
     over memory it frees before the merge allocates its buffers."""
-    from taskvec import cuda_stream
+    from taskvec.stream import cuda as cuda_stream
 
     base_path, *ft_paths = mixed_checkpoints
     compute = cuda_stream._compute
 
-    def slow_compute(plan, job, slot):
+    def slow_compute(forms, job, slot):
         torch.cuda._sleep(2_000_000)  # cycles, on the compute stream the caller has made current
-        compute(plan, job, slot)
+        compute(forms, job, slot)
 
     merge.merge_checkpoints(ft_paths, tmp_path / "cpu", base=base_path, scale=SCALE, device="cpu",
                             chunk_size=1024, progress=False)

@@ -1,13 +1,13 @@
 """The merge's CUDA executor: disk reads, host-to-device copies and the fused kernel overlap.
 
-Same contract as `taskvec.merge.CpuExecutor.run(plan, reader, writer, progress)`. Each "combine"
-job goes through a two-slot pipeline:
+Same contract as `taskvec.stream.cpu.CpuExecutor.run(plan, forms, reader, writers, progress)`.
+Each "combine" job goes through a two-slot pipeline:
 
     host thread:  read input i of job k into a pinned staging buffer (2 of them, alternating)
     copy stream:  staging buffer -> slot k%2's device buffer for input i (async)
     compute stream: waits for the slot's copies, runs the kernel, copies the result back to
                   the slot's pinned output buffer (async)
-    host thread:  meanwhile writes job k-1's result, then reads job k+1
+    host thread:  meanwhile writes job k-1's results (one per form), then reads job k+1
 
 so the disk, PCIe and the kernel work at once. Events order the reuse: a slot's device inputs
 are refilled only after the kernel two jobs back has read them, a staging buffer only after its
@@ -88,8 +88,8 @@ class _Slot:
     """Device buffers for one job in flight and the pinned buffer its result comes back to."""
 
     inputs: list[torch.Tensor]
-    out: torch.Tensor
-    host_out: torch.Tensor
+    outs: list[torch.Tensor]  # one per form
+    host_outs: list[torch.Tensor]
     table: PointerTable  # addresses of inputs[1:], the fine-tunes, for the kernel
     loaded: object  # inputs uploaded
     consumed: object  # kernel done with the inputs
@@ -104,27 +104,28 @@ class CudaExecutor:
         if self.device.type == "cuda" and self.device.index is None:
             self.device = torch.device("cuda", torch.cuda.current_device())
 
-    def run(self, plan, reader, writer, progress) -> None:
+    def run(self, plan, forms, reader, writers, progress) -> None:
         combine_jobs = [job for job in plan.jobs if job.kind == "combine"]
         copy_jobs = [job for job in plan.jobs if job.kind != "combine"]
         if copy_jobs:
             buffer = torch.empty(max(job.nbytes_in for job in copy_jobs), dtype=torch.uint8)
             for job in copy_jobs:
                 reader.read_job(job, 0, buffer)
-                writer.write_job(job, buffer[:job.nbytes_in])
+                for writer in writers:
+                    writer.write_job(job, buffer[:job.nbytes_in])
                 progress.update(job.nbytes_in)
         if combine_jobs:
             streams = _Streams(self.device)
             try:
-                self._combine(plan, combine_jobs, streams, reader, writer, progress)
+                self._combine(plan, forms, combine_jobs, streams, reader, writers, progress)
             finally:
                 streams.synchronize()  # no copy may still target buffers that are being freed
 
-    def _combine(self, plan, jobs, streams, reader, writer, progress) -> None:
+    def _combine(self, plan, forms, jobs, streams, reader, writers, progress) -> None:
         in_bytes = max(job.nbytes_in for job in jobs)
         out_bytes = max(job.nbytes_out for job in jobs)
         staging = [_Staging(streams.host_buffer(in_bytes), streams.event()) for _ in range(2)]
-        slots = [self._slot(plan.n_inputs, in_bytes, out_bytes, streams) for _ in range(SLOTS)]
+        slots = [self._slot(plan.n_inputs, len(forms), in_bytes, out_bytes, streams) for _ in range(SLOTS)]
         streams.follow_current()
         pending = None
         uploads = 0
@@ -142,39 +143,43 @@ class CudaExecutor:
             slot.loaded.record(streams.copy)
             streams.wait(streams.compute, slot.loaded)
             with streams.on(streams.compute):
-                _compute(plan, job, slot)
+                _compute(forms, job, slot)
                 slot.consumed.record(streams.compute)
-                slot.host_out[:job.nbytes_out].copy_(slot.out[:job.nbytes_out], non_blocking=True)
+                for out, host_out in zip(slot.outs, slot.host_outs, strict=True):
+                    host_out[:job.nbytes_out].copy_(out[:job.nbytes_out], non_blocking=True)
                 slot.returned.record(streams.compute)
             if pending is not None:
-                _finish(plan, *pending, writer, progress)
+                _finish(plan, *pending, writers, progress)
             pending = (job, slot)
         if pending is not None:
-            _finish(plan, *pending, writer, progress)
+            _finish(plan, *pending, writers, progress)
 
-    def _slot(self, n_inputs, in_bytes, out_bytes, streams) -> _Slot:
+    def _slot(self, n_inputs, n_forms, in_bytes, out_bytes, streams) -> _Slot:
         inputs = [torch.empty(in_bytes, dtype=torch.uint8, device=self.device) for _ in range(n_inputs)]
         with streams.on(streams.compute):  # the table is uploaded in the order the kernels run
             table = pointer_table(inputs[1:])
-        return _Slot(inputs, torch.empty(out_bytes, dtype=torch.uint8, device=self.device),
-                     streams.host_buffer(out_bytes), table,
+        return _Slot(inputs, [torch.empty(out_bytes, dtype=torch.uint8, device=self.device) for _ in range(n_forms)],
+                     [streams.host_buffer(out_bytes) for _ in range(n_forms)], table,
                      streams.event(), streams.event(), streams.event())
 
 
-def _compute(plan, job, slot: _Slot) -> None:
-    """The job's arithmetic on the device: the fused kernel, or torch for float64."""
+def _compute(forms, job, slot: _Slot) -> None:
+    """The job's arithmetic on the device, once per form: the fused kernel, or torch for float64.
+    The inputs stay in device memory, so K forms cost K device reads but one read from disk."""
     base = slot.inputs[0][:job.nbytes_in].view(job.in_dtype)
     finetuned = [buffer[:job.nbytes_in].view(job.in_dtype) for buffer in slot.inputs[1:]]
-    out = slot.out[:job.nbytes_out].view(job.out_dtype)
-    if job.in_dtype in KERNEL_DTYPES and job.out_dtype in KERNEL_DTYPES:
-        combine_triton(base, finetuned, plan.base_coef, plan.sum_coef, out=out, table=slot.table)
-    else:
-        acc_dtype = torch.float64 if job.in_dtype == torch.float64 else torch.float32
-        acc = torch.empty(job.numel, dtype=acc_dtype, device=base.device)
-        combine_reference(base, finetuned, plan.base_coef, plan.sum_coef, acc=acc, out=out)
+    for form, out_raw in zip(forms, slot.outs, strict=True):
+        out = out_raw[:job.nbytes_out].view(job.out_dtype)
+        if job.in_dtype in KERNEL_DTYPES and job.out_dtype in KERNEL_DTYPES:
+            combine_triton(base, finetuned, form.base_coef, form.sum_coef, out=out, table=slot.table)
+        else:
+            acc_dtype = torch.float64 if job.in_dtype == torch.float64 else torch.float32
+            acc = torch.empty(job.numel, dtype=acc_dtype, device=base.device)
+            combine_reference(base, finetuned, form.base_coef, form.sum_coef, acc=acc, out=out)
 
 
-def _finish(plan, job, slot: _Slot, writer, progress) -> None:
+def _finish(plan, job, slot: _Slot, writers, progress) -> None:
     slot.returned.synchronize()
-    writer.write_job(job, slot.host_out[:job.nbytes_out])
+    for writer, host_out in zip(writers, slot.host_outs, strict=True):
+        writer.write_job(job, host_out[:job.nbytes_out])
     progress.update(job.nbytes_in * plan.n_inputs)
