@@ -96,7 +96,7 @@ def read_header(path: Path) -> SafetensorsHeader:
     except OSError as err:
         raise TaskvecError(f"{path}: cannot read ({err.strerror or err})") from None
     header = parse_json(raw, path, expect=dict)
-    _check_unique_keys(path, raw)
+    _check_strict_json(path, raw)
     metadata = header.pop("__metadata__", None)
     metadata = {} if metadata is None else metadata
     if not isinstance(metadata, dict) or not all(
@@ -134,9 +134,10 @@ def open_regular(path: Path) -> int:
     return fd
 
 
-def _check_unique_keys(path: Path, raw: bytes) -> None:
-    """Python keeps the last of two equal keys where safetensors refuses them (a `dtype` given
-    twice, two `__metadata__`); parse_json has already refused anything else a decode can."""
+def _check_strict_json(path: Path, raw: bytes) -> None:
+    """Refuse what Python's json reads and safetensors' parser does not: a key given twice
+    (Python keeps the last), a name with a lone surrogate (`\\ud800`), `-0` (a float there).
+    parse_json has already refused everything else a decoder can."""
 
     def unique(pairs):
         keys = [key for key, _ in pairs]
@@ -145,9 +146,13 @@ def _check_unique_keys(path: Path, raw: bytes) -> None:
             raise TaskvecError(f"{path}: corrupt safetensors header (key {twice!r} appears twice)")
         if not all(_is_text(key) for key in keys):
             raise TaskvecError(f"{path}: corrupt safetensors header (a name is not valid Unicode)")
-        return None
 
-    json.loads(raw.decode("utf-8"), object_pairs_hook=unique)
+    def integer(text):
+        if text == "-0":
+            raise TaskvecError(f"{path}: corrupt safetensors header (-0 is not a size)")
+        return int(text)
+
+    json.loads(raw.decode("utf-8"), object_pairs_hook=unique, parse_int=integer)
 
 
 def _is_text(text: str) -> bool:
@@ -178,13 +183,13 @@ def _parse_entry(path: Path, name: str, info: object, data_start: int) -> Tensor
     if not isinstance(offsets, list) or len(offsets) != 2 or not all(_is_u64(o) for o in offsets) \
             or offsets[0] > offsets[1]:
         raise TaskvecError(f"{where}: corrupt data_offsets {offsets!r}")
-    numel = 1
-    for dim in shape:  # in order, as safetensors checks it: [2**32, 2**32, 0] overflows
-        numel *= dim
-        if numel >= U64:
+    extent = 1  # the product with zeros as ones: torch's strides must fit an int64, and it
+    for dim in shape:  # bounds safetensors' own check (the product may not overflow on the way)
+        extent *= max(dim, 1)
+        if extent >= 2**63:
             raise TaskvecError(f"{where}: shape {shape} is too large (corrupt header)")
     nbytes = offsets[1] - offsets[0]
-    expected = numel * itemsize(code)
+    expected = math.prod(shape) * itemsize(code)
     if nbytes != expected:
         raise TaskvecError(
             f"{where}: holds {nbytes} bytes but {code}{shape} needs {expected} (corrupt header)"
