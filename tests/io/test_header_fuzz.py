@@ -62,7 +62,7 @@ def json_mutants(raw: bytes, rng: random.Random) -> list[bytes]:
             change(lambda h, n=name, d=dtype: h[n].update(dtype=d))
         shape = header[name]["shape"]
         for bad in ([True] + shape[1:], [-1] + shape[1:], [1.5] + shape[1:], [2**64] + shape[1:],
-                    [2**63, 2**63, 0], [2**32, 2**32, 0] + shape, [0, 2**40, 2**40], [], "3", None,
+                    [2**63, 2**63, 0], [2**32, 2**32, 0] + shape, [0, 2**40, 2**40], [2**64 - 1, 0], [], "3", None,
                     shape + [1], [1] + shape, list(reversed(shape)), [float("nan")], [10**30] * 3):
             change(lambda h, n=name, s=bad: h[n].update(shape=s))
         begin, end = header[name]["data_offsets"]
@@ -99,6 +99,7 @@ def json_mutants(raw: bytes, rng: random.Random) -> list[bytes]:
         join(text.replace(" ", "\t"), data),
         join(text.replace("[", "[ ").replace(",", " ,"), data),
         join(text[:-1] + ', "x": NaN}', data),
+        join(text.replace("[0, ", "[-0, ", 1), data),  # an integer to Python, a float to serde
         join("\ufeff" + text, data),
     ]
     rng.shuffle(out)
@@ -144,7 +145,7 @@ def mutants(tmp_path_factory):
     out = []
     for role in ROLES:
         raw = originals[role]
-        out += [(role, m) for m in json_mutants(raw, rng) + byte_mutants(raw, rng, 80)]
+        out += [(role, m) for m in json_mutants(raw, rng) + byte_mutants(raw, rng, 64)]
     return out, originals
 
 
