@@ -20,10 +20,10 @@ def brute_force_fit(values, weights):
                 start = i + 1
         fit = []
         for a, b in blocks:
-            mean = sum(v * w for v, w in zip(values[a:b], weights[a:b])) / sum(weights[a:b])
+            mean = sum(v * w for v, w in zip(values[a:b], weights[a:b], strict=True)) / sum(weights[a:b])
             fit += [mean] * (b - a)
-        if all(x >= y - 1e-12 for x, y in zip(fit, fit[1:])):
-            loss = sum(w * (v - f) ** 2 for v, w, f in zip(values, weights, fit))
+        if all(x >= y - 1e-12 for x, y in zip(fit, fit[1:], strict=False)):
+            loss = sum(w * (v - f) ** 2 for v, w, f in zip(values, weights, fit, strict=True))
             if best is None or loss < best[0] - 1e-12:
                 best = (loss, fit)
     return best[1]
@@ -37,7 +37,7 @@ def test_pav_equals_the_brute_force_optimum(trial):
     weights = [1.0] * n if trial % 2 else [rng.uniform(0.5, 3) for _ in range(n)]
     fit = nonincreasing_fit(values, weights)
     assert fit == pytest.approx(brute_force_fit(values, weights), abs=1e-12)
-    assert all(x >= y for x, y in zip(fit, fit[1:]))
+    assert all(x >= y for x, y in zip(fit, fit[1:], strict=False))
 
 
 def test_pav_on_hand_made_sequences():
