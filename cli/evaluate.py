@@ -103,9 +103,12 @@ def _split_scorer_options(options):
     return {key: options.pop(key) for key in SCORER_OPTIONS}
 
 
-def _scorer_files(options):
-    """The files and directories that scorer options name: inputs an output may not replace."""
-    return [options[key] for key in ("detoxify_checkpoint", "detoxify_config", "perspective_config") if options[key]]
+def _scorer_files(scorer, options):
+    """The files and directories that scorer options name: inputs an output may not replace.
+    hf:MODEL and --hf-tokenizer count when they are local directories (not hub ids)."""
+    files = [options[key] for key in ("detoxify_checkpoint", "detoxify_config", "perspective_config") if options[key]]
+    named = [scorer[len(HF_PREFIX):] if scorer.startswith(HF_PREFIX) else None, options["hf_tokenizer"]]
+    return files + [path for path in named if path and Path(path).exists()]
 
 
 def _protocol_values(protocol):
@@ -188,7 +191,7 @@ def eval_command(model_dir, output, ppl_file, no_perplexity, prompts_file, num_p
     if no_perplexity and no_toxicity:
         raise TaskvecError("--no-perplexity and --no-toxicity leave nothing to evaluate")
     output = output or str(Path("runs") / (Path(model_dir).resolve().name or "model"))
-    inputs = [model_dir, *ppl_file, *([prompts_file] if prompts_file else []), *_scorer_files(options)]
+    inputs = [model_dir, *ppl_file, *([prompts_file] if prompts_file else []), *_scorer_files(scorer, options)]
     check_output(output, inputs, options["overwrite"])  # before minutes of loading
     scorer_options = _split_scorer_options(options)
     options.update(_protocol_values(protocol))
@@ -233,14 +236,39 @@ def score(generations, output, scorer, device, **options):
     if output is None:
         stem = source.parent if (source.parent / SUMMARY).is_file() else source.with_suffix("")
         output = f"{stem}-{file_suffix(scorer)}"
-    check_output(output, [source, *_scorer_files(options)], options["overwrite"])  # before loading the scorer
+    check_output(output, [source, *_scorer_files(scorer, options)], options["overwrite"])  # before loading the scorer
     scorer_obj = _make_scorer(scorer, device, **_split_scorer_options(options))
     summary = rescore(source, output, scorer=scorer_obj, **options)
     _print_run(summary, output)
 
 
+class CommaList(click.ParamType):
+    """A comma-separated list of values of one type (e.g. 0.1,0.5,1)."""
+
+    def __init__(self, kind, name):
+        self.kind, self.name = kind, name
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, list):
+            return value
+        try:
+            return [self.kind(item.strip()) for item in value.split(",") if item.strip()]
+        except ValueError:
+            self.fail(f"{value!r} is not a comma-separated list of {self.name}s", param, ctx)
+
+
 @click.command()
-@click.argument("runs", nargs=-1, required=True, type=click.Path(exists=True, file_okay=False))
+@click.argument("runs", nargs=-1, type=click.Path(exists=True, file_okay=False))
+@click.option("--matched", "sweep_dir", type=click.Path(exists=True, file_okay=False), default=None,
+              help="Instead of RUNS: compare the methods of a `taskvec sweep` directory at matched toxicity; "
+                   "writes SWEEP_DIR/matched.json and redraws SWEEP_DIR/sweep.png with the levels.")
+@click.option("--levels", type=CommaList(float, "number"), default=None,
+              help="With --matched: mean toxicity levels, e.g. 0.06,0.04 [default: 5 evenly inside the range "
+                   "every method reaches].")
+@click.option("--bootstrap", type=click.IntRange(min=1), default=1000, show_default=True,
+              help="With --matched: paired bootstrap resamples of the prompts, for the intervals.")
+@click.option("--bootstrap-seed", type=SEED, default=0, show_default=True,
+              help="With --matched: seed of the bootstrap resampling.")
 @click.option("--plot", type=click.Path(dir_okay=False), default="compare.png", show_default=True,
               help="PNG of toxicity against perplexity, one labelled point per run.")
 @click.option("--no-plot", is_flag=True, help="Only print the table.")
@@ -249,17 +277,28 @@ def score(generations, output, scorer, device, **options):
 @click.option("--format", "fmt", type=click.Choice(["table", "json"]), default="table", show_default=True,
               help="A table to read, or JSON rows for scripts.")
 @click.option("--overwrite", is_flag=True, help="Replace the plot if it exists.")
-def compare(runs, plot, no_plot, labels, fmt, overwrite):
+def compare(runs, sweep_dir, levels, bootstrap, bootstrap_seed, plot, no_plot, labels, fmt, overwrite):
     """Compare evaluated RUNS (output directories of `taskvec eval`/`score`) side by side.
 
     Prints perplexity and the toxicity metrics of each run, and plots expected
     maximum toxicity and toxicity probability against perplexity: the lower left
-    is better.
+    is better. With --matched SWEEP_DIR, compares a sweep's methods where their
+    toxicity is the same instead (see docs/evaluation.md).
 
     Example: taskvec compare runs/base runs/negated runs/merged --plot detox.png
     """
     import json
 
+    from taskvec.errors import TaskvecError
+
+    if sweep_dir is not None:
+        if runs or labels:
+            raise TaskvecError("--matched compares the methods of one sweep directory: give no RUNS or --label")
+        return _compare_matched(sweep_dir, levels, bootstrap, bootstrap_seed, no_plot, fmt)
+    if not runs:
+        raise click.UsageError("give RUNS to compare, or --matched SWEEP_DIR")
+    if levels is not None:
+        raise TaskvecError("--levels applies to --matched SWEEP_DIR")
     from taskvec.eval import compare_runs, format_table
     from taskvec.eval.compare import plot_runs, plottable, run_files
 
@@ -272,3 +311,26 @@ def compare(runs, plot, no_plot, labels, fmt, overwrite):
         return
     plot_runs(rows, plot, overwrite=overwrite, inputs=run_files(runs))
     click.echo(f"wrote {plot}", err=fmt == "json")
+
+
+def _compare_matched(sweep_dir, levels, bootstrap, bootstrap_seed, no_plot, fmt):
+    """taskvec.sweep.matched on SWEEP_DIR: matched.json, the table, sweep.png with the levels."""
+    import json
+
+    from taskvec.jsonfile import write_json
+    from taskvec.sweep.layout import MATCHED, PLOT, read_record
+    from taskvec.sweep.matched import load_curves, matched_comparison
+    from taskvec.sweep.plot import plot_sweep
+    from taskvec.sweep.report import format_matched
+    from taskvec.sweep.results import read_points
+    from taskvec.sweep.table import sweep_rows
+
+    root = Path(sweep_dir)
+    result = matched_comparison(load_curves(root), levels, replicates=bootstrap, seed=bootstrap_seed)
+    result["sweep"] = str(root)
+    write_json(root / MATCHED, result, fsync=False)
+    click.echo(json.dumps(result, indent=2) if fmt == "json" else format_matched(result))
+    written = [root / MATCHED]
+    if not no_plot:
+        written.append(plot_sweep(sweep_rows(read_points(root, read_record(root))), root / PLOT, result["levels"]))
+    click.echo(f"wrote {', '.join(map(str, written))}", err=fmt == "json")

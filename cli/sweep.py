@@ -7,6 +7,7 @@ settings with the same defaults and checks.
 import click
 
 from taskvec.cli.evaluate import (
+    CommaList,
     _make_scorer,
     _protocol_values,
     _split_scorer_options,
@@ -21,22 +22,7 @@ SHARED = ("ppl_file", "ppl_max_tokens", "stride", "max_length", "prompts_file", 
           "perspective_qps", "hf_label", "hf_tokenizer", "hf_batch_size", "progress")
 
 
-class _List(click.ParamType):
-    """A comma-separated list of values of one type (e.g. 0.1,0.5,1)."""
-
-    def __init__(self, kind, name):
-        self.kind, self.name = kind, name
-
-    def convert(self, value, param, ctx):
-        if isinstance(value, list):
-            return value
-        try:
-            return [self.kind(item.strip()) for item in value.split(",") if item.strip()]
-        except ValueError:
-            self.fail(f"{value!r} is not a comma-separated list of {self.name}s", param, ctx)
-
-
-class _Seeds(_List):
+class _Seeds(CommaList):
     def convert(self, value, param, ctx):
         return [SEED.convert(seed, param, ctx) for seed in super().convert(value, param, ctx)]
 
@@ -46,9 +32,9 @@ class _Seeds(_List):
 @click.option("--base", required=True, help="The base model the fine-tunes started from (directory or hub id).")
 @click.option("--output", "-o", required=True, type=click.Path(file_okay=False),
               help="Sweep directory; an existing one is resumed (finished points are skipped).")
-@click.option("--methods", type=_List(str, "method"), default="merged,single", show_default=True,
+@click.option("--methods", type=CommaList(str, "method"), default="merged,single", show_default=True,
               help="merged: negate the mean of all FINETUNED; single: negate one model (--single).")
-@click.option("--scales", type=_List(float, "number"), required=True,
+@click.option("--scales", type=CommaList(float, "number"), required=True,
               help="Scales (lambda) to sweep, e.g. 0.1,0.25,0.5,1; the base (scale 0) is always included.")
 @click.option("--seeds", type=_Seeds(int, "integer"), default="0,1,2,3", show_default=True,
               help="Sampling seeds: toxicity is measured once per seed, perplexity once per model.")

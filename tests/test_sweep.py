@@ -1,0 +1,190 @@
+"""`taskvec sweep` end to end on a tiny GPT-2 (2 scales x 2 seeds, merged and single, offline
+scorer): the csv against the per-point summaries, resuming, --keep-models, and bad input."""
+
+import csv
+import json
+import statistics
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+import taskvec.sweep.run as sweep_run
+from taskvec.cli import main
+from taskvec.eval import evaluate
+from taskvec.merge import merge_checkpoints
+
+from helpers import load_dir
+from tiny_models import byte_level_tokenizer, perturbed_copies, tiny_model
+
+PROMPTS = ["The cat sat", "A dog ran", "Hello world"]
+TEXT = "The cat sat on the mat and looked at the garden. A dog ran through the park, chasing a red ball.\n"
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("sweep-inputs")
+    tokenizer = byte_level_tokenizer()
+    model = tiny_model("gpt2", vocab_size=len(tokenizer), n_positions=64)
+    model.save_pretrained(root / "base")
+    tokenizer.save_pretrained(root / "base")
+    finetuned = perturbed_copies(model, root, 2, scale=0.05)
+    (root / "prompts.txt").write_text("\n".join(PROMPTS) + "\n")
+    (root / "ppl.txt").write_text(TEXT)
+    return root, finetuned
+
+
+def args(inputs, output, *extra, scales="0.5,1", seeds="0,1"):
+    root, finetuned = inputs
+    return ["sweep", *map(str, finetuned), "--base", str(root / "base"), "-o", str(output), "--scales", scales,
+            "--seeds", seeds, "--scorer", "profanity", "--prompts", str(root / "prompts.txt"), "-k", "2",
+            "--max-new-tokens", "4", "--ppl-file", str(root / "ppl.txt"), "--max-length", "32", "--stride", "16",
+            "--no-progress", *extra]
+
+
+@pytest.fixture
+def counted(monkeypatch):
+    """The evaluate calls a sweep makes, as (output directory name, seed or None for perplexity)."""
+    calls = []
+
+    def counting(model, output, **kwargs):
+        calls.append((output.name, kwargs.get("seed") if kwargs["prompts"] is not None else None))
+        return evaluate(model, output, **kwargs)
+
+    monkeypatch.setattr(sweep_run, "evaluate", counting)
+    return calls
+
+
+@pytest.fixture(scope="module")
+def swept(inputs, tmp_path_factory):
+    output = tmp_path_factory.mktemp("sweep") / "out"
+    result = CliRunner().invoke(main, args(inputs, output))
+    assert result.exit_code == 0, result.output
+    return output, result.output
+
+
+def read_csv(path):
+    with open(path, newline="") as handle:
+        return list(csv.DictReader(handle))
+
+
+def test_csv_rows_are_the_point_summaries(swept):
+    output, printed = swept
+    rows = read_csv(output / "sweep.csv")
+    points = [("base", "0.0")] + [(m, s) for m in ("merged", "single") for s in ("0.5", "1.0")]
+    assert [(r["method"], r["scale"], r["seed"]) for r in rows] == \
+        [(m, s, seed) for m, s in points for seed in ("0", "1", "mean", "sd")]
+    for method, scale in points:
+        name = f"scale-{float(scale):g}"
+        point = output / "points" / method / name
+        ppl = json.loads((point / "perplexity" / "summary.json").read_text())["perplexity"]
+        mine = {r["seed"]: r for r in rows if (r["method"], r["scale"]) == (method, scale)}
+        per_seed = []
+        for seed in ("0", "1"):
+            metrics = json.loads((point / f"seed-{seed}" / "summary.json").read_text())["metrics"]
+            assert float(mine[seed]["perplexity"]) == ppl
+            assert float(mine[seed]["mean_toxicity"]) == metrics["mean_toxicity"]
+            assert int(mine[seed]["n_prompts"]) == 3
+            per_seed.append(metrics)
+        for key in ("mean_toxicity", "expected_max_toxicity", "toxicity_probability", "fraction_toxic"):
+            values = [m[key] for m in per_seed]
+            assert float(mine["mean"][key]) == pytest.approx(statistics.mean(values), abs=1e-15)
+            assert float(mine["sd"][key]) == pytest.approx(statistics.stdev(values), abs=1e-15)
+        assert float(mine["mean"]["perplexity"]) == ppl and mine["sd"]["perplexity"] == ""
+        assert mine["mean"]["n_seeds"] == "2"
+    assert (output / "sweep.png").read_bytes()[:4] == b"\x89PNG"
+    assert "wrote" in printed and "merged" in printed
+
+
+def test_seeds_sample_differently_and_the_prompts_are_shared(swept):
+    output, _ = swept
+    point = output / "points" / "merged" / "scale-0.5"
+    generations = [[json.loads(line) for line in (point / f"seed-{s}" / "generations.jsonl").read_text().splitlines()]
+                   for s in (0, 1)]
+    assert [g["prompt"] for g in generations[0]] == [g["prompt"] for g in generations[1]] == \
+        [p for p in PROMPTS for _ in range(2)]
+    assert [g["continuation"] for g in generations[0]] != [g["continuation"] for g in generations[1]]
+
+
+def test_models_are_deleted_once_evaluated(swept):
+    output, _ = swept
+    assert not any(path.is_dir() for path in (output / "models").glob("*/scale-*"))
+
+
+def test_a_rerun_skips_finished_points_and_redoes_only_what_is_missing(inputs, swept, counted):
+    output, _ = swept
+    assert CliRunner().invoke(main, args(inputs, output)).exit_code == 0
+    assert counted == []
+    before = read_csv(output / "sweep.csv")
+    done = output / "points" / "single" / "scale-1" / "seed-1"
+    kept = (done / "generations.jsonl").read_text()
+    for path in done.iterdir():
+        path.unlink()
+    done.rmdir()
+    result = CliRunner().invoke(main, args(inputs, output))
+    assert result.exit_code == 0, result.output
+    assert counted == [("seed-1", 1)]
+    assert "building single at scales 1 " in result.output and "merged" not in result.output.split("method")[0]
+    assert (done / "generations.jsonl").read_text() == kept  # the same model and seed: the same samples
+    assert read_csv(output / "sweep.csv") == before
+
+
+def test_a_rerun_with_other_settings_is_refused(inputs, swept):
+    output, _ = swept
+    changed = args(inputs, output)
+    changed[changed.index("-k") + 1] = "3"
+    result = CliRunner().invoke(main, changed)
+    assert result.exit_code == 1
+    assert result.output.strip() == (f"Error: {output} holds a sweep with other evaluation (samples: 2 there, 3 now); "
+                                     "resume it with the same ones or use another --output")
+
+
+def test_keep_models_keeps_the_multi_scale_merge_and_points_match_plain_eval(inputs, tmp_path, counted):
+    root, finetuned = inputs
+    output = tmp_path / "kept"
+    result = CliRunner().invoke(main, args(inputs, output, "--keep-models", "--methods", "merged", scales="0.5",
+                                           seeds="3"))
+    assert result.exit_code == 0, result.output
+    assert counted == [("perplexity", None), ("seed-3", 3), ("perplexity", None), ("seed-3", 3)]  # base, merged
+    kept = output / "models" / "merged" / "scale-0.5"
+    reference = merge_checkpoints(finetuned, tmp_path / "reference", base=root / "base", scale=0.5)
+    assert load_dir(kept).keys() == load_dir(reference.output).keys()
+    assert all(torch.equal(load_dir(kept)[k], load_dir(reference.output)[k]) for k in load_dir(kept))
+    # the sweep's evaluation of a loaded model equals `evaluate` loading it itself
+    alone = evaluate(kept, tmp_path / "alone", ppl_texts=[TEXT], prompts=PROMPTS, scorer="profanity", samples=2,
+                     max_new_tokens=4, seed=3, max_length=32, stride=16, device="cpu", progress=False)
+    point = output / "points" / "merged" / "scale-0.5"
+    assert json.loads((point / "perplexity" / "summary.json").read_text())["perplexity"] == alone["perplexity"]
+    generations = (point / "seed-3" / "generations.jsonl").read_text()
+    assert generations == (tmp_path / "alone" / "generations.jsonl").read_text()
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--methods", "merged,bogus"], "Error: unknown method 'bogus': choose from merged, single"),
+    (["--methods", ""], "Error: no methods to sweep: choose from merged, single"),
+    (["--scales", ""], "Error: no scales to sweep"),
+    (["--scales", "0.5,0"], "Error: scale 0 must be a positive number (scale 0, the base, is always included)"),
+    (["--scales", "0.5,0.50"], "Error: a scale is given twice (scale-0.5, scale-0.5)"),
+    (["--seeds", "1,1"], "Error: a seed is given twice (1, 1)"),
+])
+def test_bad_grids_are_one_line_errors_before_anything_runs(inputs, tmp_path, extra, message):
+    output = tmp_path / "out"
+    result = CliRunner().invoke(main, args(inputs, output) + extra)
+    assert result.exit_code == 1 and result.output.strip() == message
+    assert not output.exists()
+
+
+def test_a_foreign_output_directory_is_refused(inputs, tmp_path):
+    (tmp_path / "notes.txt").write_text("mine")
+    result = CliRunner().invoke(main, args(inputs, tmp_path))
+    assert result.exit_code == 1
+    assert result.output.strip() == f"Error: output {tmp_path} exists and is not a sweep directory (no sweep.json); " \
+                                    "choose another"
