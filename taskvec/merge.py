@@ -29,7 +29,7 @@ from taskvec.io.safetensors_file import DTYPES, encode_header
 from taskvec.io.shards import ShardWriter, parse_size
 from taskvec.jsonfile import dumps, write_json
 from taskvec.methods import get_method
-from taskvec.outputs import check_output, staged_directory
+from taskvec.outputs import check_output, resolve_path, staged_directory
 from taskvec.stream import DEFAULT_CHUNK_BYTES, JobReader, JobWriter, MergePlan, Prefetcher, make_executor, plan_merge
 
 __all__ = ["DEFAULT_CHUNK_BYTES", "DEFAULT_MAX_SHARD_SIZE", "PROVENANCE_FILE", "JobReader", "MergePlan",
@@ -273,7 +273,7 @@ def _existing_parent(output: Path) -> Path:
 def _check_distinct(paths: list[Path]) -> None:
     seen = {}
     for path in paths:
-        key = path.resolve()
+        key = resolve_path(path)
         if key in seen:
             raise TaskvecError(f"{path} is given twice (also as {seen[key]})")
         seen[key] = path

@@ -78,8 +78,6 @@ def test_a_symlink_loop_as_input_of_an_output_check(tmp_path):
         check_output(tmp_path / "out", [loop], overwrite=False)
 
 
-@pytest.mark.xfail(strict=True, reason="taskvec.merge._check_distinct resolves inputs with Path.resolve(); "
-                   "it should use taskvec.outputs.resolve_path")
 def test_a_symlink_loop_as_input(synthetic_sets, tmp_path):
     sset = synthetic_sets("float32")
     loop = tmp_path / "loop"
