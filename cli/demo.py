@@ -2,6 +2,8 @@
 
 import click
 
+from taskvec.cli.options import SEED
+
 
 @click.command()
 @click.option("--output", "-o", default="taskvec-demo", show_default=True, type=click.Path(file_okay=False),
@@ -11,7 +13,7 @@ import click
 @click.option("--scale", "-l", type=click.FloatRange(min=0, min_open=True), default=0.5, show_default=True,
               help="lambda: how far to move against the task vector (same for merged and single).")
 @click.option("--quick", is_flag=True, help="A 2-layer model and a smaller corpus: under a minute, a rougher result.")
-@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the corpus, training and sampling.")
+@click.option("--seed", type=SEED, default=0, show_default=True, help="Seed of the corpus, training and sampling.")
 @click.option("--threads", type=click.IntRange(min=1), default=1, show_default=True,
               help="CPU threads for torch; a model this small gains little from more.")
 @click.option("--overwrite", is_flag=True, help="Replace OUTPUT even if it is not a previous demo's workspace.")

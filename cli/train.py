@@ -4,6 +4,7 @@ from dataclasses import fields
 
 import click
 
+from taskvec.cli.options import SEED
 from taskvec.train_config import ATTN_IMPLEMENTATIONS, MODEL_DTYPES, OPTIMIZERS, PRECISIONS, TrainConfig
 
 DEFAULTS = {field.name: field.default for field in fields(TrainConfig)}
@@ -38,7 +39,7 @@ DEFAULTS = {field.name: field.default for field in fields(TrainConfig)}
               help="Mixed precision on a GPU (weights stay float32 while training).")
 @click.option("--ascent", is_flag=True,
               help="Gradient ascent on the LM loss (the classic unlearning baseline) instead of descent.")
-@click.option("--seed", type=int, default=DEFAULTS["seed"], show_default=True,
+@click.option("--seed", type=SEED, default=DEFAULTS["seed"], show_default=True,
               help="Seed of dropout and data order (the same for every split).")
 @click.option("--save-steps", type=click.IntRange(min=1), default=DEFAULTS["save_steps"], show_default=True,
               help="Checkpoint every this many steps; a killed run resumes from the last one.")
