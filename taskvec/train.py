@@ -373,6 +373,12 @@ def train_splits(base_model: str | Path, splits_dir: str | Path, output_dir: str
     if split_index is not None and not 0 <= split_index < n_splits:
         raise TaskvecError(f"split index {split_index} out of range: {splits_dir} has splits 0..{n_splits - 1}")
     indices = range(n_splits) if split_index is None else [split_index]
+    # No fine-tune may replace or land inside what it is trained from. Existing outputs are
+    # finetune's to judge (a finished split is skipped), so only the inputs are checked here.
+    inputs = [*([base_model] if Path(base_model).exists() else []), splits_dir,
+              *([config.deepspeed] if config is not None and config.deepspeed else [])]
+    for k in indices:
+        check_output(split_dir(output_dir, k), inputs, overwrite=True)
     texts = {k: read_split(splits_dir, k, manifest) for k in indices}
     progress = sys.stderr.isatty() if progress is None else progress
     show_bar = progress and len(indices) > 1 and is_main_process()

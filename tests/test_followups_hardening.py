@@ -1,11 +1,17 @@
-"""Issue 12 follow-ups: --seed ranges of train-splits and demo."""
+"""Issue 12 follow-ups: --seed ranges of train-splits and demo, train-splits outputs that would
+replace their inputs."""
+
+import os
 
 import pytest
 from cli_errors import refused
 from click.testing import CliRunner
 
 from taskvec.cli import main
+from taskvec.data import save_splits
 from taskvec.errors import TaskvecError
+
+TEXTS = [f"comment {i}: you are a rotten troll" for i in range(8)]
 
 
 def _must_not_run(*args, **kwargs):
@@ -38,3 +44,58 @@ def test_largest_seed_reaches_training(tmp_path, monkeypatch):
                                        "--seed", str(2**32 - 1)])
     assert result.exit_code == 0, result.output
     assert seen[0].seed == 2**32 - 1
+
+
+@pytest.fixture
+def base(tmp_path):
+    """A local base model directory (never loaded: the refusals come first)."""
+    path = tmp_path / "base"
+    path.mkdir()
+    (path / "config.json").write_text('{"model_type": "gpt2"}')
+    return path
+
+
+FAST = ["--max-steps", 1, "--batch-size", 4, "--max-length", 16]
+
+
+def test_train_splits_never_replaces_its_splits(tmp_path, base):
+    """`train-splits runs/split-00 -o runs` would train split 0 into runs/split-00: its own input."""
+    splits = tmp_path / "runs" / "split-00"
+    save_splits(TEXTS, 2, splits, seed=0)
+    refused(tmp_path, "train-splits", splits, "--base", base, "-o", tmp_path / "runs", "--overwrite", *FAST,
+            where=f"input {splits} is inside output {splits}")
+
+
+def test_train_splits_checks_every_split_before_training_any(tmp_path, base):
+    splits = tmp_path / "runs" / "split-01"
+    save_splits(TEXTS, 2, splits, seed=0)
+    refused(tmp_path, "train-splits", splits, "--base", base, "-o", tmp_path / "runs", "--overwrite", *FAST,
+            where=f"input {splits} is inside output {splits}")  # split-00 would have trained first
+
+
+def test_train_splits_output_inside_the_splits(tmp_path, base):
+    splits = tmp_path / "splits"
+    save_splits(TEXTS, 2, splits, seed=0)
+    refused(tmp_path, "train-splits", splits, "--base", base, "-o", splits / "runs", *FAST,
+            where=f"output {splits / 'runs' / 'split-00'} is inside input {splits}")
+
+
+def test_train_splits_never_replaces_its_base(tmp_path, base):
+    """A base inside the last split's output is refused before the first split trains."""
+    splits = tmp_path / "splits"
+    save_splits(TEXTS, 2, splits, seed=0)
+    runs = tmp_path / "runs"
+    (runs / "split-01").mkdir(parents=True)
+    os.rename(base, runs / "split-01" / "base")
+    refused(tmp_path, "train-splits", splits, "--base", runs / "split-01" / "base", "-o", runs, "--overwrite",
+            *FAST, where=f"input {runs / 'split-01' / 'base'} is inside output {runs / 'split-01'}")
+
+
+def test_train_splits_never_replaces_its_deepspeed_config(tmp_path, base):
+    splits = tmp_path / "splits"
+    save_splits(TEXTS, 2, splits, seed=0)
+    config = tmp_path / "runs" / "split-00" / "zero3.json"
+    config.parent.mkdir(parents=True)
+    config.write_text("{}")
+    refused(tmp_path, "train-splits", splits, "--base", base, "-o", tmp_path / "runs", "--deepspeed", config,
+            "--overwrite", *FAST, where=f"input {config} is inside output {config.parent}")
