@@ -167,24 +167,18 @@ def _point_finished(root: Path, method: str, scale: float, seeds) -> bool:
 
 def _build(root: Path, method: str, inputs: list[str], base, scales: list[float], progress) -> None:
     """Write the method's models at `scales` (one read of the inputs) into models/METHOD/scale-S."""
+    from taskvec.merge import merge_checkpoints
+
     building = root / "models" / f".{method}-building"
     if building.exists():
         shutil.rmtree(building)  # what a killed run left
-    outputs = _merge_scales(inputs, building, base, METHODS[method][0], scales, progress)
-    for scale, path in zip(scales, outputs, strict=True):
+    merged = merge_checkpoints(inputs, building, base=base, method=METHODS[method][0], scale=list(scales),
+                               progress=progress)
+    for scale, path in zip(scales, merged.outputs, strict=True):  # both in increasing scale
         target = model_dir(root, method, scale)
         target.parent.mkdir(parents=True, exist_ok=True)
         Path(path).rename(target)
     shutil.rmtree(building)
-
-
-def _merge_scales(inputs, output, base, method, scales, progress) -> list[Path]:
-    # TEMPORARY shim until taskvec.merge writes several scales from one read (issue 13 part 1).
-    from taskvec.merge import merge_checkpoints
-
-    output.mkdir(parents=True)
-    return [merge_checkpoints(inputs, output / scale_name(scale), base=base, method=method, scale=scale,
-                              progress=progress).output for scale in scales]
 
 
 @dataclass
