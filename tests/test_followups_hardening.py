@@ -1,5 +1,5 @@
 """Issue 12 follow-ups: --seed ranges of train-splits and demo, train-splits outputs that would
-replace their inputs."""
+replace their inputs, eval/score outputs over a local hf: classifier or tokenizer."""
 
 import os
 
@@ -99,3 +99,38 @@ def test_train_splits_never_replaces_its_deepspeed_config(tmp_path, base):
     config.write_text("{}")
     refused(tmp_path, "train-splits", splits, "--base", base, "-o", tmp_path / "runs", "--deepspeed", config,
             "--overwrite", *FAST, where=f"input {config} is inside output {config.parent}")
+
+
+@pytest.fixture
+def classifier(tmp_path):
+    path = tmp_path / "classifier"
+    path.mkdir()
+    (path / "config.json").write_text('{"model_type": "bert"}')
+    return path
+
+
+@pytest.mark.parametrize("output, message", [("classifier", "input {given} is inside output {output}"),
+                                             ("classifier/run", "output {output} is inside input {given}")])
+@pytest.mark.parametrize("how", ["scorer", "tokenizer"])
+def test_eval_never_writes_over_a_local_classifier(tmp_path, classifier, output, message, how):
+    output = tmp_path / output
+    scorer = ["--scorer", f"hf:{classifier}"] if how == "scorer" else ["--scorer", "hf:org/hub-model",
+                                                                      "--hf-tokenizer", classifier]
+    refused(tmp_path, "eval", tmp_path / "no-model", "-o", output, *scorer, "--overwrite",
+            where=message.format(given=classifier, output=output))
+
+
+def test_score_never_writes_over_a_local_classifier(tmp_path, classifier):
+    generations = tmp_path / "generations.jsonl"
+    generations.write_text('{"prompt": "a", "continuation": "b"}\n')
+    refused(tmp_path, "score", generations, "-o", classifier, "--scorer", f"hf:{classifier}", "--overwrite",
+            where=f"input {classifier} is inside output {classifier}")
+
+
+def test_a_hub_id_is_not_a_local_input(tmp_path, monkeypatch):
+    """hf:org/model names no local path: an output called org is not refused for it."""
+    from cli.evaluate import _scorer_files
+
+    monkeypatch.chdir(tmp_path)
+    assert _scorer_files("hf:org/model", {"detoxify_checkpoint": None, "detoxify_config": None,
+                                          "perspective_config": None, "hf_tokenizer": "bert-base-uncased"}) == []
