@@ -1,7 +1,8 @@
 """Issue 12 follow-ups: --seed ranges of train-splits and demo, train-splits outputs that would
-replace their inputs, eval/score outputs over a local hf: classifier or tokenizer."""
+replace their inputs, eval/score outputs over a local hf: classifier or tokenizer, bad --ppl-file."""
 
 import os
+import threading
 
 import pytest
 from cli_errors import refused
@@ -10,6 +11,7 @@ from click.testing import CliRunner
 from taskvec.cli import main
 from taskvec.data import save_splits
 from taskvec.errors import TaskvecError
+from taskvec.eval.likelihood import load_ppl_texts
 
 TEXTS = [f"comment {i}: you are a rotten troll" for i in range(8)]
 
@@ -134,3 +136,33 @@ def test_a_hub_id_is_not_a_local_input(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     assert _scorer_files("hf:org/model", {"detoxify_checkpoint": None, "detoxify_config": None,
                                           "perspective_config": None, "hf_tokenizer": "bert-base-uncased"}) == []
+
+
+def _eval_ppl(tmp_path, ppl, where):
+    return refused(tmp_path, "eval", tmp_path / "no-model", "-o", tmp_path / "out", "--ppl-file", ppl,
+                   "--no-toxicity", where=where)
+
+
+def test_ppl_file_not_utf8(tmp_path):
+    ppl = tmp_path / "ppl.txt"
+    ppl.write_bytes(b"fine\nalso fine\ncaf\xe9\n")
+    assert "not valid UTF-8" in _eval_ppl(tmp_path, ppl, where=f"{ppl}:3: ")
+
+
+def test_ppl_file_fifo(tmp_path):
+    """Refused before it is opened: opening a FIFO blocks until a writer comes."""
+    ppl = tmp_path / "ppl.txt"
+    os.mkfifo(ppl)
+    # A writer, so that a read (the bug) would find an empty pipe rather than hang the suite.
+    writer = threading.Thread(target=lambda: open(ppl, "wb").close(), daemon=True)
+    writer.start()
+    try:
+        _eval_ppl(tmp_path, ppl, where=f"{ppl}: not a regular file")
+    finally:
+        os.close(os.open(ppl, os.O_RDONLY | os.O_NONBLOCK))  # lets the writer's open return
+        writer.join(5)
+
+
+def test_ppl_file_directory(tmp_path):
+    with pytest.raises(TaskvecError, match=f"^{tmp_path}: not a regular file$"):
+        load_ppl_texts([tmp_path])

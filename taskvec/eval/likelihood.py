@@ -16,6 +16,7 @@ from pathlib import Path
 
 from taskvec.errors import TaskvecError
 from taskvec.hf import load_hub_dataset
+from taskvec.rows import read_text
 
 WIKITEXT = ("wikitext", "wikitext-103-raw-v1", "test")
 
@@ -24,11 +25,10 @@ def load_ppl_texts(files: Sequence[str | Path] = ()) -> list[str]:
     """The contents of local text files, or WikiText-103's test split when `files` is empty."""
     if files:
         texts = []
-        for file in files:
-            try:
-                texts.append(Path(file).read_text(encoding="utf-8"))
-            except (OSError, UnicodeDecodeError) as err:
-                raise TaskvecError(f"cannot read perplexity text {file} ({type(err).__name__})") from err
+        for file in map(Path, files):
+            if not file.is_file():  # a directory cannot be read, and a FIFO would block until a writer comes
+                raise TaskvecError(f"{file}: no such file" if not file.exists() else f"{file}: not a regular file")
+            texts.append(read_text(file))
         if not any(text.strip() for text in texts):
             raise TaskvecError(f"perplexity text files {', '.join(map(str, files))} are empty")
         return texts
