@@ -75,8 +75,8 @@ def inspect_checkpoints(
     vectors = _unique([c.label for c in checkpoints[1:1 + n_finetuned]] + ["mean"] * (n_finetuned >= 2)
                       + [c.label for c in checkpoints[1 + n_finetuned:]])
     per_vector = max(4, parse_size(chunk_size) // len(vectors))
-    plan = plan_merge(checkpoints, 1.0, 0.0, None, per_vector, strict=strict)  # the coefficients are unused
-    skipped = [spec.name for spec in plan.outputs if spec.dtype not in ("F16", "BF16", "F32", "F64")]
+    plan = plan_merge(checkpoints, chunk_bytes=per_vector, strict=strict)
+    skipped = list(dict.fromkeys(s.name for job in plan.jobs if job.kind != "combine" for s in job.segments))
     if len(skipped) == len(plan.outputs):
         raise TaskvecError(f"{checkpoints[0].path}: no floating-point tensors to inspect")
     notes = plan.notes + ([f"{len(skipped)} integer or boolean buffers skipped ({', '.join(skipped[:3])}"

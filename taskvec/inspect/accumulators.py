@@ -52,7 +52,7 @@ class Binning:
         slot = position.floor_().clamp_(-1, self.bins).long().add_(1)
         slot -= (values < self.bounds[slot]).long()
         slot += (values >= self.bounds[slot + 1]).long()
-        return slot.masked_fill_(values == self.edges[-1], self.bins)
+        return slot.clamp_(max=self.bins + 1).masked_fill_(values == self.edges[-1], self.bins)  # inf: above
 
     def count_rows(self, values: torch.Tensor) -> torch.Tensor:
         """(rows, slots_count) counts of each row of `values`."""

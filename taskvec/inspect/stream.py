@@ -41,6 +41,8 @@ def run_pass(plan: MergePlan, n_finetuned: int, n_merged: int, settings: Setting
     reader = JobReader()
     reads = [(job, index) for job in jobs for index in range(plan.n_inputs)]
     chunks = Prefetcher(reader, reads, max((job.nbytes_in for job in jobs), default=0))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(max(1, threads - 1))  # a core for the reader thread, as the merge does
     try:
         for job in jobs:
             base, tau = _task_vectors(job, chunks, plan.n_inputs, n_finetuned, with_mean, device)
@@ -63,6 +65,7 @@ def run_pass(plan: MergePlan, n_finetuned: int, n_merged: int, settings: Setting
                 position = end
             progress.update(job.nbytes_in * plan.n_inputs)
     finally:
+        torch.set_num_threads(threads)
         chunks.close()
         reader.close()
     order = [spec.name for spec in plan.outputs if spec.name in tensors]
