@@ -87,6 +87,39 @@ def _combine_kernel(base_ptr, table_ptr, out_ptr, n_ft, numel, base_coef, sum_co
                        ALIGNED)
 
 
+@triton.jit
+def _scales_block(base_ptr, table_ptr, outs_ptr, coefs_ptr, n_ft, n_out, offs, mask,
+                  OUT_DTYPE: tl.constexpr, ALIGNED: tl.constexpr):
+    acc = tl.zeros(offs.shape, dtype=tl.float32)
+    for i in range(n_ft):
+        ft_ptr = tl.load(table_ptr + i).to(tl.pointer_type(base_ptr.dtype.element_ty))
+        if ALIGNED:
+            ft_ptr = tl.multiple_of(ft_ptr, 16)
+        acc += tl.load(ft_ptr + offs, mask=mask).to(tl.float32)
+    base = tl.load(base_ptr + offs, mask=mask).to(tl.float32)
+    for k in range(n_out):
+        result = tl.fma(base, tl.load(coefs_ptr + 2 * k), tl.load(coefs_ptr + 2 * k + 1) * acc)
+        out_ptr = tl.load(outs_ptr + k).to(tl.pointer_type(OUT_DTYPE))
+        if ALIGNED:
+            out_ptr = tl.multiple_of(out_ptr, 16)
+        if OUT_DTYPE == tl.bfloat16:
+            result = _round_to_bfloat16(result)
+        tl.store(out_ptr + offs, result.to(OUT_DTYPE), mask=mask)
+
+
+@triton.jit(do_not_specialize=["n_ft", "n_out", "numel"])
+def _combine_scales_kernel(base_ptr, table_ptr, outs_ptr, coefs_ptr, n_ft, n_out, numel,
+                           OUT_DTYPE: tl.constexpr, BLOCK: tl.constexpr, ALIGNED: tl.constexpr):
+    """K linear forms of one sum: each input block read once, K outputs written. Full blocks
+    unmasked, the last one masked, as `_combine_kernel`."""
+    offs = _block_offsets(tl.program_id(0), BLOCK)
+    if (tl.program_id(0).to(tl.int64) + 1) * BLOCK <= numel:
+        _scales_block(base_ptr, table_ptr, outs_ptr, coefs_ptr, n_ft, n_out, offs, None, OUT_DTYPE, ALIGNED)
+    else:
+        _scales_block(base_ptr, table_ptr, outs_ptr, coefs_ptr, n_ft, n_out, offs, offs < numel, OUT_DTYPE,
+                      ALIGNED)
+
+
 @dataclass(frozen=True)
 class PointerTable:
     """The fine-tunes' addresses, on their device: build once, reuse for launches on the same buffers."""
@@ -155,6 +188,57 @@ def combine_triton(
                                   float(base_coef), float(sum_coef),
                                   BLOCK=block, ALIGNED=aligned, num_warps=warps)
     return out.view(base.shape)
+
+
+_TL_DTYPES = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
+
+
+def coefficient_table(forms: Sequence[tuple[float, float]], device: torch.device) -> torch.Tensor:
+    """(base_coef, sum_coef) of each form as float32, the kernel's arguments, on `device`."""
+    table = torch.tensor([c for form in forms for c in form], dtype=torch.float32)
+    return table.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else table
+
+
+def combine_triton_scales(
+    base: torch.Tensor,
+    finetuned: Sequence[torch.Tensor],
+    forms: Sequence[tuple[float, float]],
+    outs: Sequence[torch.Tensor],
+    *,
+    table: PointerTable | None = None,
+    out_table: PointerTable | None = None,
+    coefficients: torch.Tensor | None = None,
+) -> list[torch.Tensor]:
+    """``outs[k] = forms[k][0] * base + forms[k][1] * sum(finetuned)`` for every k, in one pass:
+    each input read once, the sum kept in registers, K outputs written (a list of scales).
+
+    Each output equals `combine_triton(base, finetuned, *forms[k])` bit for bit. ``outs``: one
+    dtype of KERNEL_DTYPES, contiguous, base's numel, overlapping no input and no other output.
+    Tables (pointer tables of ``finetuned`` and ``outs``, `coefficient_table(forms)`) may be
+    built once and reused, as for `combine_triton`.
+    """
+    finetuned, outs = list(finetuned), list(outs)
+    _check_inputs(base, finetuned)
+    if not outs or len(outs) != len(forms):
+        raise TaskvecError(f"combine_triton_scales: {len(forms)} forms but {len(outs)} outputs")
+    for k, out in enumerate(outs):
+        _check_output(base, [*finetuned, *outs[:k]], outs[0].dtype, out)
+    table = table or pointer_table(finetuned)
+    out_table = out_table or pointer_table(outs)
+    if table.addresses != tuple(t.data_ptr() for t in finetuned) or \
+            out_table.addresses != tuple(t.data_ptr() for t in outs):
+        raise TaskvecError("combine_triton_scales: a pointer table was built for other tensors")
+    coefficients = coefficient_table(forms, base.device) if coefficients is None else coefficients
+    numel = base.numel()
+    if numel:
+        block, warps = launch_config(numel)
+        aligned = all(p % ALIGNMENT == 0 for p in (*table.addresses, *out_table.addresses, base.data_ptr()))
+        grid = (triton.cdiv(numel, block),)
+        with torch.cuda.device(base.device) if base.is_cuda else nullcontext():
+            _combine_scales_kernel[grid](base, table.table, out_table.table, coefficients, len(finetuned),
+                                         len(outs), numel, OUT_DTYPE=_TL_DTYPES[outs[0].dtype],
+                                         BLOCK=block, ALIGNED=aligned, num_warps=warps)
+    return [out.view(base.shape) for out in outs]
 
 
 def _check_inputs(base: torch.Tensor, finetuned: list[torch.Tensor]) -> None:

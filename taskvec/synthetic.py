@@ -117,15 +117,12 @@ def write_model(path: Path, size: str, model: int, *, dtype: str = "float32",
     shapes = gpt2_shapes(size)
     specs = [OutputSpec(name, CODES[torch_dtype], shape) for name, shape in shapes]
     limit = parse_size(max_shard_size) if max_shard_size else sum(s.nbytes for s in specs)
-    writer = ShardWriter(path, specs, limit, {"format": "pt"})
-    try:
+    with ShardWriter(path, specs, limit, {"format": "pt"}) as writer:  # an error leaves no loadable shard
         for name, shape in shapes:
             numel = math.prod(shape)
             for chunk, start in enumerate(range(0, numel, CHUNK)):
                 count = min(CHUNK, numel - start)
                 values = synthetic_chunk(name, chunk, count, model, seed=seed).to(torch_dtype)
                 writer.write(name, start * torch_dtype.itemsize, memoryview(values.view(torch.uint8).numpy()))
-    finally:
-        writer.close()
     config = {**gpt2_config(size), "dtype": dtype}
     (path / "config.json").write_text(json.dumps(config, indent=2) + "\n")

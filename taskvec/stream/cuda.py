@@ -24,8 +24,15 @@ from dataclasses import dataclass
 
 import torch
 
-from taskvec.kernels.combine import KERNEL_DTYPES, PointerTable, combine_triton, pointer_table
-from taskvec.kernels.reference import combine_reference
+from taskvec.kernels.combine import (
+    KERNEL_DTYPES,
+    PointerTable,
+    coefficient_table,
+    combine_triton,
+    combine_triton_scales,
+    pointer_table,
+)
+from taskvec.kernels.reference import linear_reference, sum_reference
 
 SLOTS = 2  # double buffering: one job computing while the next one loads
 
@@ -91,6 +98,7 @@ class _Slot:
     outs: list[torch.Tensor]  # one per form
     host_outs: list[torch.Tensor]
     table: PointerTable  # addresses of inputs[1:], the fine-tunes, for the kernel
+    coefficients: torch.Tensor  # the forms' (base_coef, sum_coef), for the K-output kernel
     loaded: object  # inputs uploaded
     consumed: object  # kernel done with the inputs
     returned: object  # result back in host_out
@@ -125,7 +133,7 @@ class CudaExecutor:
         in_bytes = max(job.nbytes_in for job in jobs)
         out_bytes = max(job.nbytes_out for job in jobs)
         staging = [_Staging(streams.host_buffer(in_bytes), streams.event()) for _ in range(2)]
-        slots = [self._slot(plan.n_inputs, len(forms), in_bytes, out_bytes, streams) for _ in range(SLOTS)]
+        slots = [self._slot(plan.n_inputs, forms, in_bytes, out_bytes, streams) for _ in range(SLOTS)]
         streams.follow_current()
         pending = None
         uploads = 0
@@ -154,28 +162,35 @@ class CudaExecutor:
         if pending is not None:
             _finish(plan, *pending, writers, progress)
 
-    def _slot(self, n_inputs, n_forms, in_bytes, out_bytes, streams) -> _Slot:
+    def _slot(self, n_inputs, forms, in_bytes, out_bytes, streams) -> _Slot:
         inputs = [torch.empty(in_bytes, dtype=torch.uint8, device=self.device) for _ in range(n_inputs)]
-        with streams.on(streams.compute):  # the table is uploaded in the order the kernels run
+        with streams.on(streams.compute):  # the tables are uploaded in the order the kernels run
             table = pointer_table(inputs[1:])
-        return _Slot(inputs, [torch.empty(out_bytes, dtype=torch.uint8, device=self.device) for _ in range(n_forms)],
-                     [streams.host_buffer(out_bytes) for _ in range(n_forms)], table,
+            coefficients = coefficient_table([(f.base_coef, f.sum_coef) for f in forms], self.device)
+        return _Slot(inputs, [torch.empty(out_bytes, dtype=torch.uint8, device=self.device) for _ in forms],
+                     [streams.host_buffer(out_bytes) for _ in forms], table, coefficients,
                      streams.event(), streams.event(), streams.event())
 
 
 def _compute(forms, job, slot: _Slot) -> None:
-    """The job's arithmetic on the device, once per form: the fused kernel, or torch for float64.
-    The inputs stay in device memory, so K forms cost K device reads but one read from disk."""
+    """The job's arithmetic on the device: the fused kernel (K forms in one pass over the inputs),
+    or torch for float64."""
     base = slot.inputs[0][:job.nbytes_in].view(job.in_dtype)
     finetuned = [buffer[:job.nbytes_in].view(job.in_dtype) for buffer in slot.inputs[1:]]
-    for form, out_raw in zip(forms, slot.outs, strict=True):
-        out = out_raw[:job.nbytes_out].view(job.out_dtype)
-        if job.in_dtype in KERNEL_DTYPES and job.out_dtype in KERNEL_DTYPES:
-            combine_triton(base, finetuned, form.base_coef, form.sum_coef, out=out, table=slot.table)
+    outs = [out_raw[:job.nbytes_out].view(job.out_dtype) for out_raw in slot.outs]
+    if job.in_dtype in KERNEL_DTYPES and job.out_dtype in KERNEL_DTYPES:
+        if len(forms) == 1:
+            combine_triton(base, finetuned, forms[0].base_coef, forms[0].sum_coef, out=outs[0], table=slot.table)
         else:
-            acc_dtype = torch.float64 if job.in_dtype == torch.float64 else torch.float32
-            acc = torch.empty(job.numel, dtype=acc_dtype, device=base.device)
-            combine_reference(base, finetuned, form.base_coef, form.sum_coef, acc=acc, out=out)
+            combine_triton_scales(base, finetuned, [(f.base_coef, f.sum_coef) for f in forms], outs,
+                                  table=slot.table, coefficients=slot.coefficients)
+        return
+    acc_dtype = torch.float64 if job.in_dtype == torch.float64 else torch.float32
+    acc = sum_reference(base, finetuned, acc=torch.empty(job.numel, dtype=acc_dtype, device=base.device))
+    work = torch.empty_like(acc) if len(forms) > 1 else None
+    for k, (form, out) in enumerate(zip(forms, outs, strict=True)):
+        linear_reference(acc, base, form.base_coef, form.sum_coef, out=out,
+                         work=None if k == len(forms) - 1 else work)
 
 
 def _finish(plan, job, slot: _Slot, writers, progress) -> None:

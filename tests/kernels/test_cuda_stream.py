@@ -163,3 +163,34 @@ def test_slow_kernels_and_pending_work_do_not_break_the_buffer_order(mixed_check
     for name, (_, dtype) in SHAPES.items():
         if dtype != torch.float64:
             assert torch.equal(gpu[name], cpu[name]), name
+
+
+def test_many_scales_on_the_pipeline_equal_the_cpu_merge(device, mixed_checkpoints, tmp_path, monkeypatch):
+    """One read, K outputs: the K-output kernel on the pipeline writes the CPU merge's bytes."""
+    from taskvec.kernels import combine
+
+    base_path, *ft_paths = mixed_checkpoints
+    scales = [0.0, 0.5, -1.0, 2.5]
+    launched = []
+    kernel = combine._combine_scales_kernel
+
+    class Spy:
+        def __getitem__(self, grid):
+            launched.append(grid)
+            return kernel[grid]
+
+    monkeypatch.setattr(combine, "_combine_scales_kernel", Spy())
+    monkeypatch.setattr(merge, "make_executor", lambda _: CudaExecutor(device))
+    gpu = merge.merge_checkpoints(ft_paths, tmp_path / "gpu", base=base_path, scale=scales, chunk_size=1024,
+                                  progress=False)
+    monkeypatch.undo()
+    cpu = merge.merge_checkpoints(ft_paths, tmp_path / "cpu", base=base_path, scale=scales, device="cpu",
+                                  chunk_size=1024, progress=False)
+    assert launched
+    for gpu_dir, cpu_dir in zip(gpu.outputs, cpu.outputs, strict=True):
+        on_gpu, on_cpu = load_dir(gpu_dir), load_dir(cpu_dir)
+        for name, (_, dtype) in SHAPES.items():
+            if dtype == torch.float64:
+                torch.testing.assert_close(on_gpu[name], on_cpu[name], rtol=1e-13, atol=1e-13)
+            else:
+                assert torch.equal(on_gpu[name], on_cpu[name]), (gpu_dir.name, name)
