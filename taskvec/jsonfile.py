@@ -12,6 +12,7 @@ import os
 from pathlib import Path
 
 from taskvec.errors import TaskvecError
+from taskvec.files import read_regular
 
 __all__ = ["dumps", "parse_json", "read_json", "write_json"]
 
@@ -58,11 +59,7 @@ def _unique(where):
 def read_json(path: str | Path, expect: type | None = None, *, unique_keys: bool = False) -> object:
     """Read and parse a JSON file: errors name the file, whatever went wrong."""
     path = Path(path)
-    try:
-        raw = path.read_bytes()
-    except OSError as err:
-        raise TaskvecError(f"{path}: cannot read ({err.strerror or err})") from None
-    return parse_json(raw, path, expect, unique_keys=unique_keys)
+    return parse_json(read_regular(path), path, expect, unique_keys=unique_keys)
 
 
 def dumps(value: object) -> str:

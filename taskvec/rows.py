@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 from taskvec.errors import TaskvecError
+from taskvec.files import read_regular
 from taskvec.jsonfile import parse_json
 
 NUMBER = (int, float)
@@ -23,10 +24,7 @@ _NAMES = {str: "a string", int: "an integer", NUMBER: "a number", dict: "an obje
 def read_text(path: str | Path) -> str:
     """The file decoded as UTF-8; bad bytes are an error naming the line they are on."""
     path = Path(path)
-    try:
-        raw = path.read_bytes()
-    except OSError as err:
-        raise TaskvecError(f"{path}: cannot read ({err.strerror or err})") from None
+    raw = read_regular(path)
     try:
         return raw.decode("utf-8")
     except UnicodeDecodeError as err:

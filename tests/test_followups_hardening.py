@@ -166,3 +166,29 @@ def test_ppl_file_fifo(tmp_path):
 def test_ppl_file_directory(tmp_path):
     with pytest.raises(TaskvecError, match=f"^{tmp_path}: not a regular file$"):
         load_ppl_texts([tmp_path])
+
+
+@pytest.mark.parametrize("reader", ["json", "text"])
+def test_a_fifo_given_as_a_json_or_text_input_is_refused_at_once(tmp_path, reader):
+    """Before, read_bytes() of a FIFO blocked forever (eval --prompts FIFO hung)."""
+    from taskvec.jsonfile import read_json
+    from taskvec.rows import read_text
+
+    fifo = tmp_path / "prompts.jsonl"
+    os.mkfifo(fifo)
+    outcome = []
+
+    def read():
+        try:
+            (read_json if reader == "json" else read_text)(fifo)
+        except TaskvecError as err:
+            outcome.append(str(err))
+
+    thread = threading.Thread(target=read, daemon=True)
+    thread.start()
+    thread.join(20)
+    if thread.is_alive():  # unblock the reader so the suite does not hang, then fail
+        with open(fifo, "wb"):
+            pass
+        pytest.fail("reading a FIFO blocked")
+    assert outcome == [f"{fifo}: not a regular file"]

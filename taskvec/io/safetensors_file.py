@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import stat
 import struct
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -20,6 +19,7 @@ from pathlib import Path
 import torch
 
 from taskvec.errors import TaskvecError
+from taskvec.files import open_regular
 from taskvec.jsonfile import parse_json
 
 # safetensors dtype code -> torch dtype
@@ -111,27 +111,6 @@ def read_header(path: Path) -> SafetensorsHeader:
     }
     _check_layout(path, tensors.values(), data_start, size)
     return SafetensorsHeader(path=path, tensors=tensors, metadata=metadata)
-
-
-def check_regular_file(path: Path) -> None:
-    """Refuse anything but a regular file before it is opened: open() or read() of a FIFO or a
-    device named like a weight file would block forever."""
-    try:
-        mode = os.stat(path).st_mode
-    except OSError as err:
-        raise TaskvecError(f"{path}: cannot read ({err.strerror or err})") from None
-    if not stat.S_ISREG(mode):
-        raise TaskvecError(f"{path}: not a regular file")
-
-
-def open_regular(path: Path) -> int:
-    """A read-only fd of the regular file `path`."""
-    check_regular_file(path)
-    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)  # a FIFO swapped in since does not block
-    if not stat.S_ISREG(os.fstat(fd).st_mode):
-        os.close(fd)
-        raise TaskvecError(f"{path}: not a regular file")
-    return fd
 
 
 def _check_strict_json(path: Path, raw: bytes) -> None:

@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 
 from taskvec.errors import TaskvecError
+from taskvec.files import check_regular_file
 from taskvec.io.safetensors_file import CODES, TensorEntry
 
 LEGACY_MAGIC = 0x1950A86A20F9469CFC6C
@@ -105,8 +106,7 @@ class _Unpickler(pickle.Unpickler):
 def read_torch_file(path: Path) -> dict[str, TensorEntry]:
     """Every tensor of a torch.save'd state dict, with where its bytes are; reads no tensor data."""
     path = Path(path)
-    if path.exists() and not path.is_file():
-        raise TaskvecError(f"{path}: not a regular file")
+    check_regular_file(path)
     try:
         if zipfile.is_zipfile(path):
             state, storages = _read_zip(path)
