@@ -11,7 +11,7 @@ embeddings), exactly as PEFT's `get_delta_weight` computes it. Tensors an adapte
 of the fine-tune is the base's own.
 
 `read_adapter` reads headers only. A `LoraSource` stands for one module's fine-tuned weight
-(base + delta) in a merge and computes the delta chunk by chunk, so memory is bounded by a chunk
+(base + delta) in a merge and computes the delta block by block, so memory is bounded by a block
 and the factors, whatever the size of the module or the adapter.
 """
 
@@ -136,12 +136,17 @@ def _pattern_value(patterns: dict, module: str):
     return None
 
 
+BLOCK_ELEMENTS = 1 << 20  # the delta is computed in blocks of whole rows of about this size
+
+
 class LoraSource:
     """One module's fine-tuned weight, base + delta, read chunk by chunk as float32.
 
-    Only the rows of the delta that a chunk covers are computed, as a sum of rank-one terms in a
-    fixed order, so the values do not depend on where chunks start (BLAS would choose different
-    summation orders for different block sizes) and memory is the chunk plus the two factors.
+    The delta is computed by matmul in blocks of whole rows whose boundaries depend on the
+    tensor's shape alone, never on where a chunk starts, so every chunk size gives the same bytes
+    (BLAS may sum in another order for another block shape); the current block is kept until a
+    chunk reaches its end, so consecutive chunks reuse it. Memory: one block plus the two factors
+    per module being read, released when its last element has been read.
     """
 
     dtype = "F32"
@@ -155,6 +160,7 @@ class LoraSource:
         self.base, self.delta = base, delta
         self.name, self.shape, self.path = base.name, base.shape, delta.a.path
         self._factors: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._block: tuple[int, torch.Tensor] | None = None  # (index, flattened values)
 
     @property
     def numel(self) -> int:
@@ -163,13 +169,25 @@ class LoraSource:
     def add_delta(self, files: FileReader, start: int, out: torch.Tensor) -> None:
         """Add elements [start, start + len(out)) of the flattened delta to float32 `out`."""
         left, right = self._left_right(files)
-        cols = right.shape[1]
-        first, last = start // cols, -(-(start + out.numel()) // cols)
-        block = torch.zeros(last - first, cols, dtype=torch.float32)
-        for k in range(left.shape[1]):
-            block.addcmul_(left[first:last, k:k + 1], right[k:k + 1])
-        block.mul_(self.delta.scaling)
-        out.add_(block.view(-1)[start - first * cols:][:out.numel()])
+        block_elements = max(1, BLOCK_ELEMENTS // right.shape[1]) * right.shape[1]
+        done, end = 0, start + out.numel()
+        while start + done < end:
+            index, offset = divmod(start + done, block_elements)
+            values = self._values(index, block_elements, left, right)
+            take = min(end - start - done, values.numel() - offset)
+            out[done:done + take].add_(values[offset:offset + take])
+            done += take
+            if offset + take == values.numel():  # chunks come in order: this block is done with
+                self._block = None
+        if end == self.numel:
+            self._factors = None
+
+    def _values(self, index: int, block_elements: int, left: torch.Tensor, right: torch.Tensor) -> torch.Tensor:
+        if self._block is None or self._block[0] != index:
+            rows = block_elements // right.shape[1]
+            product = left[index * rows:(index + 1) * rows] @ right
+            self._block = (index, product.mul_(self.delta.scaling).view(-1))
+        return self._block[1]
 
     def _left_right(self, files: FileReader) -> tuple[torch.Tensor, torch.Tensor]:
         """(B, A), or (A^T, B^T) where the weight is stored transposed, in float32."""
