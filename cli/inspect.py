@@ -37,8 +37,8 @@ def _numbers(text: str) -> tuple[float, ...]:
               help="Log-spaced bins over --log-decades decades below the top edge, instead of linear from 0.")
 @click.option("--log-decades", type=float, default=4.0, show_default=True,
               help="Decades the log-spaced bins cover.")
-@click.option("--chunk-size", default="16MiB", show_default=True,
-              help="Elements per step as float32 bytes, shared by all vectors; memory is a few times this.")
+@click.option("--chunk-size", default="4MiB", show_default=True,
+              help="Elements per step as float32 bytes, shared by all vectors; memory is about ten times this.")
 @click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True,
               help="Where the statistics are computed.")
 @click.option("--strict", is_flag=True, help="Refuse fine-tune tensors the base does not have.")

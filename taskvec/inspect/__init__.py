@@ -24,7 +24,7 @@ from taskvec.inspect.settings import Settings
 
 __all__ = ["DEFAULT_CHUNK_SIZE", "Settings", "inspect_checkpoints"]
 
-DEFAULT_CHUNK_SIZE = "16MiB"  # float32 bytes of all vectors' chunks together
+DEFAULT_CHUNK_SIZE = "4MiB"  # float32 bytes of all vectors' chunks together: temporaries are ~10x this
 
 
 def inspect_checkpoints(
