@@ -79,14 +79,14 @@ def load_curves(root: str | Path) -> Curves:
     return curves
 
 
-def auto_levels(curves: Curves, count: int = 5) -> list[float]:
-    """`count` levels evenly inside the toxicity range every method reaches: from the highest of
-    the methods' lowest fitted toxicities up to the lowest of their starting ones."""
+def auto_levels(curves: Curves, fractions=(1 / 6, 2 / 6, 3 / 6, 4 / 6, 5 / 6)) -> list[float]:
+    """Levels inside the toxicity range every method reaches, at `fractions` of the way from the
+    highest of the methods' lowest fitted toxicities (0) up to the lowest of their starting ones (1)."""
     fits = [nonincreasing_fit(_means(tox)) for tox in curves.toxicity]
     low, high = max(fit[-1] for fit in fits), min(fit[0] for fit in fits)
     if not low < high:
         raise TaskvecError("the methods' toxicity curves share no range below the base's; give --levels")
-    return [float(f"{low + (high - low) * k / (count + 1):.3g}") for k in range(1, count + 1)]
+    return [float(f"{low + (high - low) * fraction:.3g}") for fraction in fractions]
 
 
 def matched_comparison(curves: Curves, levels: list[float] | None = None, *, replicates: int = 1000, seed: int = 0,
@@ -141,6 +141,7 @@ def _interval(values: list[float], confidence: float) -> list[float] | None:
 
 
 def _relative(a: float, b: float) -> float | None:
+    """1 - a / b, defined where b's increase is positive (resamples keep a of either sign)."""
     return None if b <= 0 else 1 - a / b
 
 
@@ -157,8 +158,8 @@ def _level(curves: Curves, level: float, estimate: list, boot: list, fits: list,
             entry["scale"] = crossing(curves.scales[m], fits[m], level)
             entry["perplexity"] = curves.base_perplexity + increase
             if increase <= 0:
-                flags.append(f"{method}'s perplexity increase is {increase:+.3f}, not above 0: a relative "
-                             "reduction against it is meaningless")
+                flags.append(f"{method}'s perplexity increase is {increase:+.3f}, not above 0: no relative "
+                             "reduction is given here")
         methods[method] = entry
     pairs = []
     for a in range(len(curves.methods)):
@@ -173,12 +174,12 @@ def _pair(curves: Curves, a: int, b: int, estimate: list, boot: list, confidence
     defined = estimate[a] is not None and estimate[b] is not None
     difference = estimate[a] - estimate[b] if defined else None
     difference_ci = _interval([x - y for x, y in both], confidence)
-    relative = _relative(estimate[a], estimate[b]) if defined else None
+    relative = _relative(estimate[a], estimate[b]) if defined and estimate[a] > 0 else None  # flagged otherwise
     relative_values = [r for r in (_relative(x, y) for x, y in both) if r is not None]
     resolved = (defined and share >= confidence and difference_ci is not None
                 and (difference_ci[1] < 0 or difference_ci[0] > 0))
     return {"methods": [curves.methods[a], curves.methods[b]], "difference": difference,
             "difference_ci": difference_ci, "relative_reduction": relative,
-            "relative_reduction_ci": _interval(relative_values, confidence),
+            "relative_reduction_ci": _interval(relative_values, confidence) if relative is not None else None,
             "relative_defined_share": len(relative_values) / len(boot[a]), "both_reached_share": share,
             "resolved": resolved}
