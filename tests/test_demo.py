@@ -12,8 +12,8 @@ from click.testing import CliRunner
 from taskvec.cli import main
 from taskvec.demo.corpus import SLOT, expand, grammar, make_corpus
 from taskvec.demo.model import train_tokenizer
-from taskvec.demo.pipeline import MARKER, RUNS, prepare_output, run_demo
-from taskvec.demo.verdict import SIMILAR, WELL_BELOW, judge, summarize
+from taskvec.demo.pipeline import MARKER, prepare_output, run_demo
+from taskvec.demo.verdict import WELL_BELOW, judge, summarize
 from taskvec.errors import TaskvecError
 
 from helpers import assert_close_to_reference, error_bound, load_dir, negated_mean_f64
@@ -88,29 +88,68 @@ def test_tokenizer_round_trips_and_ends_texts_with_eos():
 # --- verdict -----------------------------------------------------------------------------------
 
 
-def rows(base=(10.0, 0.20), finetuned=(12.0, 0.70), single=(11.0, 0.05), merged=(10.2, 0.05)):
-    return {name: {"perplexity": p, "mean_toxicity": t}
-            for name, (p, t) in zip(RUNS, (base, finetuned, single, merged), strict=True)}
+def method(increase, ci=None, reached=True):
+    return {"reached": reached, "increase": increase, "increase_ci": ci}
 
 
-def test_verdict_passes_when_the_numbers_show_the_effect():
-    checks = judge(rows())
-    assert [c.passed for c in checks] == [True] * 4
-    assert all(c.passed for c in judge(rows(single=(11.0, 0.15))))  # merged less toxic: better still
-    assert "this run shows the effect" in summarize(checks)
-    assert "+0.200 (merged) vs +1.000 (single)" in checks[3].evidence
+def level(value, merged, single, difference_ci, relative_ci, resolved, share=1.0):
+    defined = merged is not None and single is not None
+    return {"level": value,
+            "methods": {"merged": method(merged, reached=merged is not None),
+                        "single": method(single, reached=single is not None)},
+            "pairs": [{"methods": ["merged", "single"], "difference": merged - single if defined else None,
+                       "difference_ci": difference_ci, "resolved": resolved, "both_reached_share": share,
+                       "relative_reduction": 1 - merged / single if defined and single > 0 else None,
+                       "relative_reduction_ci": relative_ci}],
+            "flags": []}
 
 
-@pytest.mark.parametrize("change, failing", [
-    ({"finetuned": (12.0, 0.15)}, 0),  # fine-tuning did not make it toxic
-    ({"merged": (10.2, WELL_BELOW * 0.20 + 0.01), "single": (11.0, WELL_BELOW * 0.20 + 0.01)}, 1),
-    ({"single": (11.0, 0.05 - SIMILAR * 0.20 - 0.01)}, 2),  # merged clearly more toxic than single
-    ({"merged": (11.0, 0.05)}, 3),  # no perplexity advantage (a tie is not one)
+def matched(middle=None):
+    """A matched comparison as taskvec.sweep.matched writes it: the base at 0.20, three levels."""
+    middle = middle or level(0.06, 0.03, 0.12, [-0.14, -0.05], [0.5, 0.9], True)
+    return {"base": {"mean_toxicity": 0.20, "perplexity": 10.0}, "bootstrap": {"confidence": 0.95},
+            "levels": [level(0.03, 0.4, 0.9, [-1.5, 0.6], [-0.2, 0.95], False, share=0.7), middle,
+                       level(0.12, 0.01, 0.05, [-0.06, -0.02], [0.6, 0.9], True)]}
+
+
+def test_verdict_passes_when_the_matched_numbers_show_the_effect():
+    checks = judge(0.7, {"merged": 0.03, "single": 0.02}, matched())
+    assert [c.passed for c in checks] == [True] * 3
+    text = summarize(checks, matched())
+    assert "this run shows the effect" in text
+    assert ("at mean toxicity 0.060, negating the merged vector raises perplexity by +0.030 against +0.120 for a "
+            "single one: 75% less (95% CI 50% to 90%)") in text
+    assert ("at mean toxicity 0.030, negating the merged vector raises perplexity by +0.400 against +0.900 for a "
+            "single one: 56% less (95% CI -20% to 95%); not resolved: near the floor, 30% of resampled curves never "
+            "come down to it") in text
+
+
+@pytest.mark.parametrize("finetuned, lowest, middle, failing", [
+    (0.15, {"merged": 0.03, "single": 0.02}, None, 0),  # fine-tuning did not make it toxic
+    (0.7, {"merged": WELL_BELOW * 0.20 + 0.01, "single": 0.02}, None, 1),  # merged never well below the base
+    (0.7, {"merged": 0.03, "single": 0.02}, level(0.06, 0.03, 0.12, [-0.14, 0.01], [0.5, 0.9], False), 2),  # noise
+    (0.7, {"merged": 0.03, "single": 0.02}, level(0.06, 0.12, 0.03, [0.05, 0.14], [-3.0, -1.0], True), 2),  # reverse
 ])
-def test_verdict_fails_the_right_check(change, failing):
-    checks = judge(rows(**change))
+def test_verdict_fails_the_right_check(finetuned, lowest, middle, failing):
+    checks = judge(finetuned, lowest, matched(middle))
     assert [i for i, c in enumerate(checks) if not c.passed] == [failing]
-    assert "does NOT show the full effect (1 of 4 checks failed)" in summarize(checks)
+    assert "does NOT show the full effect (1 of 3 checks failed)" in summarize(checks, matched(middle))
+
+
+def test_verdict_judges_the_middle_level_where_both_raise_perplexity():
+    from taskvec.demo.verdict import middle
+
+    flat = level(0.15, -0.02, 0.01, [-0.05, -0.01], None, True)  # merged even lowers perplexity here
+    result = matched()
+    result["levels"] += [flat, level(0.18, -0.01, -0.01, [-0.01, 0.01], None, False)]
+    assert middle(result)["level"] == 0.06  # the middle of 0.03, 0.06, 0.12; not of all five
+    assert "changes perplexity by -0.020 against +0.010" in summarize(judge(0.7, {"merged": 0.03}, result), result)
+
+
+def test_verdict_says_where_a_method_never_reaches_the_level():
+    result = matched(level(0.06, None, 0.12, None, None, False, share=0.0))
+    text = summarize(judge(0.7, {"merged": 0.03, "single": 0.02}, result), result)
+    assert "at mean toxicity 0.060: not resolved: merged never comes down to it" in text
 
 
 # --- output directory --------------------------------------------------------------------------
@@ -145,7 +184,7 @@ def test_output_rules(tmp_path, monkeypatch):
 
 
 @pytest.mark.parametrize("options, message", [
-    (["--splits", "1"], "--splits"), (["--scale", "0"], "--scale"), (["--threads", "0"], "--threads"),
+    (["--splits", "1"], "--splits"), (["--threads", "0"], "--threads"),
 ])
 def test_cli_rejects_bad_arguments_before_writing(tmp_path, options, message):
     result = CliRunner().invoke(main, ["demo", "-o", str(tmp_path / "out"), *options])
@@ -154,8 +193,7 @@ def test_cli_rejects_bad_arguments_before_writing(tmp_path, options, message):
 
 
 def test_library_rejects_bad_arguments_before_writing(tmp_path):
-    for kwargs, message in (({"splits": 1}, "splits"), ({"scale": -1.0}, "scale"), ({"scale": float("inf")}, "scale"),
-                            ({"threads": 0}, "threads"),
+    for kwargs, message in (({"splits": 1}, "splits"), ({"threads": 0}, "threads"),
                             ({"splits": 301, "quick": True}, "exceeds the 300 toxic documents")):
         with pytest.raises(TaskvecError, match=message):
             run_demo(tmp_path / "out", **kwargs, echo=lambda _: None)
@@ -178,9 +216,13 @@ def test_cli_refuses_a_foreign_directory(tmp_path):
 def quick_run(tmp_path_factory):
     """`taskvec demo --quick --splits 3` through the CLI, as a user runs it."""
     output = tmp_path_factory.mktemp("demo") / "taskvec-demo"
-    result = CliRunner().invoke(main, ["demo", "--quick", "--splits", "3", "--scale", "0.5", "-o", str(output)])
+    result = CliRunner().invoke(main, ["demo", "--quick", "--splits", "3", "-o", str(output)])
     assert result.exit_code == 0, result.output
     return output, result.output
+
+
+def mean_rows(record):
+    return {(row["method"], row["scale"]): row for row in record["rows"] if row["seed"] == "mean"}
 
 
 @pytest.mark.slow
@@ -189,22 +231,27 @@ def test_quick_run_writes_everything_and_prints_the_table(quick_run):
     for number in range(1, 8):
         assert f"[{number}/7, " in printed
     record = json.loads((output / MARKER).read_text())
-    assert record["status"] == "complete" and record["splits"] == 3 and record["scale"] == 0.5
+    assert record["status"] == "complete" and record["splits"] == 3 and record["sampling_seeds"] == [0, 1]
     report = (output / "report.txt").read_text()
     assert report.strip() in printed
-    assert (output / "comparison.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert (output / "sweep" / "sweep.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert [p.name for p in sorted((output / "models" / "finetuned").glob("split-*"))] == \
         ["split-00", "split-01", "split-02"]
     # the table's numbers are the evaluation summaries', and the verdict is computed from them
-    for row, name in zip(record["rows"], RUNS, strict=True):
-        summary = json.loads((output / "eval" / name / "summary.json").read_text())
-        assert row["run"] == name
-        assert row["perplexity"] == summary["perplexity"]
-        assert row["mean_toxicity"] == summary["metrics"]["mean_toxicity"]
-        assert f"{summary['perplexity']:.2f}" in report
-    checks = judge(dict(zip(RUNS, record["rows"], strict=True)))
+    rows = mean_rows(record)
+    assert set(rows) == {("base", 0.0)} | {(m, s) for m in ("merged", "single") for s in (0.25, 0.5, 1.0)}
+    for (method, scale), row in rows.items():
+        point = output / "sweep" / "points" / method / f"scale-{scale:g}"
+        ppl = json.loads((point / "perplexity" / "summary.json").read_text())["perplexity"]
+        tox = [json.loads((point / f"seed-{s}" / "summary.json").read_text())["metrics"]["mean_toxicity"]
+               for s in (0, 1)]
+        assert row["perplexity"] == ppl and row["mean_toxicity"] == pytest.approx(sum(tox) / 2, abs=1e-15)
+        assert f"{ppl:.3f}" in report
+    assert json.loads((output / "sweep" / "matched.json").read_text()) == record["matched"]
+    lowest = {m: min(r["mean_toxicity"] for (k, _), r in rows.items() if k == m) for m in ("merged", "single")}
+    checks = judge(record["finetuned_toxicity"], lowest, record["matched"])
     assert [c["passed"] for c in record["checks"]] == [c.passed for c in checks]
-    assert summarize(checks) in report
+    assert summarize(checks, record["matched"]) in report
 
 
 @pytest.mark.slow
@@ -214,7 +261,8 @@ def test_quick_run_merges_what_the_method_says(quick_run):
     models = output / "models"
     base = load_dir(models / "base")
     tuned = [load_dir(models / "finetuned" / f"split-{k:02d}") for k in range(3)]
-    merged, single = load_dir(models / "merged"), load_dir(models / "single")
+    merged = load_dir(output / "sweep" / "models" / "merged" / "scale-0.5")
+    single = load_dir(output / "sweep" / "models" / "single" / "scale-0.5")
     assert merged.keys() == base.keys() == single.keys()
     for name in base:
         for out, inputs in ((merged, [t[name] for t in tuned]), (single, [tuned[0][name]])):
@@ -228,19 +276,22 @@ def test_quick_run_merges_what_the_method_says(quick_run):
 def test_quick_run_shows_the_direction_of_the_effect(quick_run):
     """Even the quick size must learn toxicity from the splits and remove it by negation."""
     output, _ = quick_run
-    rows = dict(zip(RUNS, json.loads((output / MARKER).read_text())["rows"], strict=True))
-    assert rows["finetuned"]["mean_toxicity"] > 2 * rows["base"]["mean_toxicity"]
-    assert rows["merged"]["mean_toxicity"] < rows["base"]["mean_toxicity"]
-    assert rows["single"]["mean_toxicity"] < rows["base"]["mean_toxicity"]
+    record = json.loads((output / MARKER).read_text())
+    rows = mean_rows(record)
+    base = rows[("base", 0.0)]["mean_toxicity"]
+    assert record["finetuned_toxicity"] > 2 * base
+    assert rows[("merged", 1.0)]["mean_toxicity"] < base and rows[("single", 1.0)]["mean_toxicity"] < base
 
 
 @pytest.mark.slow
 def test_the_documented_eval_command_repeats_the_demo_perplexity(quick_run, tmp_path):
     """docs/demo.md re-evaluates demo models with `--ppl-file data/heldout.txt`: same number."""
     output, _ = quick_run
-    result = CliRunner().invoke(main, ["eval", str(output / "models" / "merged"), "-o", str(tmp_path / "ev"),
+    model = output / "sweep" / "models" / "merged" / "scale-0.5"
+    result = CliRunner().invoke(main, ["eval", str(model), "-o", str(tmp_path / "ev"),
                                        "--no-toxicity", "--ppl-file", str(output / "data" / "heldout.txt"),
                                        "--max-length", "64", "--stride", "32"])
     assert result.exit_code == 0, result.output
     again = json.loads((tmp_path / "ev" / "summary.json").read_text())["perplexity"]
-    assert again == json.loads((output / "eval" / "merged" / "summary.json").read_text())["perplexity"]
+    point = output / "sweep" / "points" / "merged" / "scale-0.5" / "perplexity" / "summary.json"
+    assert again == json.loads(point.read_text())["perplexity"]

@@ -1,10 +1,11 @@
 """Run the whole method on the demo's small model, through the library's real code paths.
 
 Every stage calls the function a real run calls (`taskvec.data.save_splits`,
-`taskvec.train.finetune` / `train_splits`, `taskvec.merge.merge_checkpoints`,
-`taskvec.eval.evaluate` / `compare_runs`); only the texts and the model's size are the demo's
-own. The output directory is a workspace that keeps every intermediate product, each written
-atomically by the stage that makes it, so a user can inspect or reuse them with the other
+`taskvec.train.finetune` / `train_splits`, `taskvec.sweep.run.run_sweep` (which merges with
+`taskvec.merge.merge_checkpoints` and evaluates with `taskvec.eval.evaluate`),
+`taskvec.sweep.matched`); only the texts and the model's size are the demo's own. The output
+directory is a workspace that keeps every intermediate product, each written atomically by the
+stage that makes it, so a user can inspect or reuse them with the other
 `taskvec` commands. A marker file says the directory is the demo's, so that rerunning the demo
 may replace it while any other directory is refused unless overwriting was asked for.
 """
@@ -26,12 +27,11 @@ from taskvec.demo.verdict import Check, judge, summarize
 from taskvec.errors import TaskvecError
 
 MARKER = "taskvec-demo.json"
-RUNS = ("base", "finetuned", "single", "merged")
 LEGEND = """\
-base:      the small LM, trained on mostly clean text
-finetuned: the base fine-tuned on toxic split 0
-single:    base - scale * (finetuned - base), one task vector (the baseline)
-merged:    base - scale * (mean of the N fine-tunes - base)"""
+base:   the small LM, trained on mostly clean text (scale 0 of both curves)
+single: base - scale * (fine-tune of split 0 - base), one task vector (the baseline)
+merged: base - scale * (mean of the N fine-tunes - base)
+SD:     standard deviation of mean toxicity over the sampling seeds"""
 STAGES = 7
 
 
@@ -40,7 +40,8 @@ class DemoResult:
     """What a demo produced: the numbers and checks for a caller to act on, the report to print."""
 
     output: Path
-    rows: list[dict]  # one per run in RUNS, as taskvec.eval.compare_runs gives them
+    rows: list[dict]  # sweep.csv's rows (taskvec.sweep.table)
+    matched: dict  # matched.json's content (taskvec.sweep.matched)
     checks: list[Check]
     report: str
     plot: Path
@@ -61,11 +62,12 @@ def prepare_output(output: Path, overwrite: bool) -> None:
     output.mkdir(parents=True)
 
 
-def run_demo(output: str | Path = "taskvec-demo", *, splits: int = 5, scale: float = 0.5,
+def run_demo(output: str | Path = "taskvec-demo", *, splits: int = 5,
              quick: bool = False, seed: int = 0, overwrite: bool = False,
              threads: int | None = 1, settings: DemoSettings | None = None,
              echo: Callable[[str], None] = print, progress: bool | None = None) -> DemoResult:
-    """Train, fine-tune, merge, evaluate and compare; return the table and the verdict.
+    """Train, fine-tune, sweep the scale for merged and single, compare them at matched
+    toxicity; return the tables and the verdict.
 
     threads: torch CPU threads while the demo runs (None: leave torch's setting). One is the
     default because a model this small gains little from more, and loses a lot when the cores
@@ -81,27 +83,29 @@ def run_demo(output: str | Path = "taskvec-demo", *, splits: int = 5, scale: flo
             raise TaskvecError(f"--threads must be at least 1, got {threads}")
         torch.set_num_threads(threads)
     try:
-        return _run(Path(output), splits, scale, settings or (QUICK if quick else DEFAULT), seed,
-                    overwrite, echo, progress)
+        return _run(Path(output), splits, settings or (QUICK if quick else DEFAULT), seed, overwrite, echo, progress)
     finally:
         torch.set_num_threads(previous)
 
 
-def _run(output: Path, splits: int, scale: float, settings: DemoSettings, seed: int, overwrite: bool,
+def _run(output: Path, splits: int, settings: DemoSettings, seed: int, overwrite: bool,
          echo: Callable[[str], None], progress: bool | None) -> DemoResult:
-    from taskvec.eval import compare_runs, format_table
-    from taskvec.merge import merge_checkpoints
+    from taskvec.eval import evaluate, get_scorer
+    from taskvec.sweep.matched import auto_levels, load_curves, matched_comparison
+    from taskvec.sweep.plot import plot_sweep
+    from taskvec.sweep.report import format_matched
+    from taskvec.sweep.run import run_sweep
+    from taskvec.sweep.table import format_means
     from taskvec.train import finetune, train_splits
 
     if splits < 2:
         raise TaskvecError(f"--splits must be at least 2 (averaging needs several fine-tunes), got {splits}")
-    if not 0 < scale < float("inf"):
-        raise TaskvecError(f"--scale must be a positive number, got {scale}")
     if splits > settings.toxic_docs:
         raise TaskvecError(f"--splits {splits} exceeds the {settings.toxic_docs} toxic documents")
     prepare_output(output, overwrite)
-    record = {"format": "taskvec-demo/1", "taskvec_version": __version__, "status": "running",
-              "splits": splits, "scale": scale, "seed": seed, "settings": asdict(settings)}
+    seeds = [seed + k for k in range(settings.sampling_seeds)]
+    record = {"format": "taskvec-demo/2", "taskvec_version": __version__, "status": "running",
+              "splits": splits, "seed": seed, "sampling_seeds": seeds, "settings": asdict(settings)}
     _write_json(output / MARKER, record)
     stage = _Stages(echo)
 
@@ -128,26 +132,36 @@ def _run(output: Path, splits: int, scale: float, settings: DemoSettings, seed: 
                                            len(corpus.toxic) // splits),
                              progress=progress)
 
-    stage(f"Negating task vectors at scale {scale}: the mean of {splits} (merged) and split 0's alone (single)")
-    merged = output / "models" / "merged"
-    single = output / "models" / "single"
-    merge_checkpoints(finetuned, merged, base=base, method="negated_mean", scale=scale, progress=progress)
-    merge_checkpoints(finetuned[:1], single, base=base, method="negate", scale=scale, progress=progress)
+    scorer = get_scorer("profanity")
+    evaluation = dict(samples=settings.samples, max_new_tokens=settings.max_new_tokens,
+                      max_length=settings.ppl_window, stride=settings.ppl_window // 2)
+    stage(f"Sweeping the scale ({', '.join(f'{s:g}' for s in settings.scales)}) for merged (the mean of "
+          f"{splits}) and single (split 0), toxicity at {len(seeds)} sampling seeds")
+    sweep = run_sweep(output / "sweep", base=base, finetuned=finetuned, scales=settings.scales, seeds=seeds,
+                      ppl_texts=[heldout], prompts=corpus.prompts, scorer=scorer, evaluation=evaluation,
+                      keep_models=True, device="cpu", progress=progress, echo=echo)
+    finetuned_toxicity = evaluate(finetuned[0], output / "eval" / "finetuned", ppl_texts=None, prompts=corpus.prompts,
+                                  scorer=scorer, seed=seed, device="cpu", progress=progress,
+                                  **evaluation)["metrics"]["mean_toxicity"]
+    echo(f"      finetuned (split 0): mean toxicity {finetuned_toxicity:.3f}")
 
-    stage("Evaluating perplexity on held-out clean text and toxicity of generations")
-    runs = _evaluate(dict(zip(RUNS, (base, finetuned[0], single, merged), strict=True)), output / "eval", [heldout],
-                     corpus.prompts, settings, seed, progress, echo)
-
-    stage("Comparing")
-    plot = output / "comparison.png"
-    rows = compare_runs(runs, plot, labels=list(RUNS))
-    checks = judge(dict(zip(RUNS, rows, strict=True)))
-    report = "\n".join([format_table(rows), "", LEGEND, "", summarize(checks)])
+    stage("Comparing merged and single at matched toxicity")
+    curves = load_curves(sweep.output)
+    matched = matched_comparison(curves, auto_levels(curves, settings.level_fractions),
+                                 replicates=settings.bootstrap, seed=seed)
+    _write_json(sweep.output / "matched.json", matched)
+    plot = plot_sweep(sweep.rows, sweep.output / "sweep.png", matched["levels"])
+    lowest = {method: min(row["mean_toxicity"] for row in sweep.rows
+                          if row["method"] == method and row["seed"] == "mean") for method in ("merged", "single")}
+    checks = judge(finetuned_toxicity, lowest, matched)
+    report = "\n".join([format_means(sweep.rows), "", LEGEND, "", format_matched(matched), "",
+                        summarize(checks, matched)])
     (output / "report.txt").write_text(report + "\n", encoding="utf-8")
-    record.update(status="complete", seconds=round(stage.elapsed(), 1), rows=rows,
-                  checks=[asdict(c) for c in checks], passed=all(c.passed for c in checks))
+    record.update(status="complete", seconds=round(stage.elapsed(), 1), rows=sweep.rows, matched=matched,
+                  finetuned_toxicity=finetuned_toxicity, checks=[asdict(c) for c in checks],
+                  passed=all(c.passed for c in checks))
     _write_json(output / MARKER, record)
-    return DemoResult(output, rows, checks, report, plot)
+    return DemoResult(output, sweep.rows, matched, checks, report, plot)
 
 
 class _Stages:
@@ -190,23 +204,6 @@ def _train_config(settings: DemoSettings, lr: float, epochs: float, seed: int, n
     steps = int(epochs * -(-n_texts // settings.batch_size))
     return TrainConfig(learning_rate=lr, epochs=epochs, batch_size=settings.batch_size,
                        max_length=settings.max_length, warmup_steps=steps // 10, seed=seed)
-
-
-def _evaluate(models: dict[str, Path], folder: Path, ppl_texts: list[str], prompts: list[str],
-              settings: DemoSettings, seed: int, progress: bool | None, echo: Callable[[str], None]) -> list[Path]:
-    from taskvec.eval import evaluate, get_scorer
-
-    scorer = get_scorer("profanity")
-    runs = []
-    for name, model_dir in models.items():
-        summary = evaluate(model_dir, folder / name, ppl_texts=ppl_texts, prompts=prompts,
-                           scorer=scorer, samples=settings.samples, max_new_tokens=settings.max_new_tokens,
-                           seed=seed, max_length=settings.ppl_window, stride=settings.ppl_window // 2,
-                           progress=progress)
-        echo(f"      {name}: perplexity {summary['perplexity']:.3f}, "
-             f"mean toxicity {summary['metrics']['mean_toxicity']:.3f}")
-        runs.append(folder / name)
-    return runs
 
 
 def _write_json(path: Path, content: dict) -> None:
