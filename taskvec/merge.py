@@ -90,10 +90,10 @@ def merge_checkpoints(
     chosen.check_count(len(finetuned))
     names = chosen.inputs(base, finetuned)
     paths = [resolve_model_path(p) for p in names]
-    _check_distinct(paths)
+    check_distinct(paths)
     output = check_output(output, paths, overwrite)
     out_dtype = parse_dtype(dtype)
-    checkpoints = [open_checkpoint(p, _label(name, p)) for name, p in zip(names, paths, strict=True)]
+    checkpoints = [open_checkpoint(p, input_label(name, p)) for name, p in zip(names, paths, strict=True)]
     _check_files_outside(checkpoints, output)
     forms = [chosen.linear_form(len(finetuned), s) for s in scales]
     plan = plan_merge(checkpoints, out_dtype, parse_size(chunk_size), strict=strict)
@@ -199,7 +199,7 @@ def _nonfinite_inputs(plan: MergePlan, reader: JobReader, name: str) -> dict[str
     return found
 
 
-def _label(name: str | Path, path: Path) -> str:
+def input_label(name: str | Path, path: Path) -> str:
     """How provenance and notes name an input: a hub id as given, a local one by its own name."""
     if Path(name) != path:  # fetched from the hub
         return str(name)
@@ -270,7 +270,7 @@ def _existing_parent(output: Path) -> Path:
     return next((p for p in (output, *output.parents) if p.exists()), Path("."))
 
 
-def _check_distinct(paths: list[Path]) -> None:
+def check_distinct(paths: list[Path]) -> None:
     seen = {}
     for path in paths:
         key = resolve_path(path)
