@@ -56,7 +56,7 @@ def inspect_checkpoints(
     from taskvec.inspect.summary import summarize
     from taskvec.io.checkpoint import open_checkpoint, resolve_model_path
     from taskvec.io.shards import parse_size
-    from taskvec.merge import plan_merge
+    from taskvec.merge import check_distinct, input_label, plan_merge
 
     chosen = Settings(**settings)
     finetuned, merged = list(finetuned), list(merged)
@@ -64,13 +64,13 @@ def inspect_checkpoints(
         raise TaskvecError("nothing to inspect: give at least one fine-tuned or merged model")
     names = [base, *finetuned, *merged]
     paths = [resolve_model_path(name) for name in names]
-    _check_distinct(paths)
+    check_distinct(paths)
     if output is not None:
         from taskvec.outputs import check_output
 
         output = check_output(output, paths, overwrite)
     where = _device(device, torch)
-    checkpoints = [open_checkpoint(path, _label(name, path)) for name, path in zip(names, paths, strict=True)]
+    checkpoints = [open_checkpoint(path, input_label(name, path)) for name, path in zip(names, paths, strict=True)]
     n_finetuned = len(finetuned)
     vectors = _unique([c.label for c in checkpoints[1:1 + n_finetuned]] + ["mean"] * (n_finetuned >= 2)
                       + [c.label for c in checkpoints[1 + n_finetuned:]])
@@ -136,13 +136,6 @@ def _device(name: str, torch):
     return torch.device(name)
 
 
-def _label(name: str | Path, path: Path) -> str:
-    """An input as the report names it: a hub id as given, a local one by its own name."""
-    if Path(name) != path:
-        return str(name)
-    return path.name if path.is_dir() else f"{path.parent.name}/{path.name}"
-
-
 def _unique(labels: list[str]) -> list[str]:
     """Vector names, numbered where two inputs share a directory name."""
     seen: dict[str, int] = {}
@@ -152,11 +145,3 @@ def _unique(labels: list[str]) -> list[str]:
         result.append(label if seen[label] == 1 and labels.count(label) == 1 else f"{label}#{seen[label]}")
     return result
 
-
-def _check_distinct(paths: list[Path]) -> None:
-    seen: dict[Path, Path] = {}
-    for path in paths:
-        key = path.resolve()
-        if key in seen:
-            raise TaskvecError(f"{path} is given twice (also as {seen[key]})")
-        seen[key] = path
