@@ -28,9 +28,19 @@ from taskvec.io.layout import PROVENANCE
 from taskvec.io.safetensors_file import DTYPES, encode_header
 from taskvec.io.shards import ShardWriter, parse_size
 from taskvec.jsonfile import dumps, write_json
-from taskvec.methods import get_method
+from taskvec.methods import check_weights, get_method
 from taskvec.outputs import check_output, resolve_path, staged_directory
-from taskvec.stream import DEFAULT_CHUNK_BYTES, JobReader, JobWriter, MergePlan, Prefetcher, make_executor, plan_merge
+from taskvec.stream import (
+    DEFAULT_CHUNK_BYTES,
+    JobReader,
+    JobWriter,
+    MergePlan,
+    Prefetcher,
+    make_executor,
+    make_general_executor,
+    plan_merge,
+)
+from taskvec.stream.general import working_chunk_bytes
 
 __all__ = ["DEFAULT_CHUNK_BYTES", "DEFAULT_MAX_SHARD_SIZE", "PROVENANCE_FILE", "JobReader", "MergePlan",
            "MergeResult", "Prefetcher", "merge_checkpoints", "plan_merge", "scale_dir"]
@@ -62,6 +72,9 @@ def merge_checkpoints(
     base: str | Path | None = None,
     method: str = "negated_mean",
     scale: float | Sequence[float] = 1.0,
+    weights: Sequence[float] | None = None,
+    density: float | None = None,
+    seed: int | None = None,
     dtype: str | torch.dtype | None = None,
     device: str = "cpu",
     max_shard_size: str | int = DEFAULT_MAX_SHARD_SIZE,
@@ -72,8 +85,12 @@ def merge_checkpoints(
 ) -> MergeResult:
     """Merge checkpoint directories into `output` in one streaming pass.
 
-    method: 'negated_mean' (base - scale * (mean(ft) - base)), 'negate' (one fine-tune) or
-    'average' (mean of the fine-tunes; no base). scale: a number, or a list of them: then
+    method: 'negated_mean' (base - scale * (mean(ft) - base)), 'negate' (one fine-tune),
+    'average' (mean of the fine-tunes; no base), or the non-linear 'ties' (density), 'dare' and
+    'dare-ties' (density, seed), each writing base - scale * tau (taskvec.methods; docs/methods.md).
+    weights: one per fine-tune, tau the weighted mean (weighted disjoint mean for ties and
+    dare-ties); equal weights are the plain mean. density: fraction of each task vector kept, in
+    (0, 1]. seed: DARE's mask seed, 0..2**32-1 (default 0). scale: a number, or a list of them: then
     `output/scale-X` (`scale_dir(X)`) is written for each, from one read of the inputs, each
     equal bit for bit to its single-scale merge. Inputs are model directories (safetensors or
     PyTorch .bin, single or sharded), single weight files, PEFT LoRA adapter directories, or hub
@@ -84,10 +101,12 @@ def merge_checkpoints(
     from tqdm.auto import tqdm
 
     started = time.perf_counter()
-    chosen = get_method(method)
+    params = {key: value for key, value in (("density", density), ("seed", seed)) if value is not None}
+    chosen = get_method(method, **params)
     scales = _scales(scale, chosen.name)
     finetuned = list(finetuned)
     chosen.check_count(len(finetuned))
+    weights = check_weights(weights, len(finetuned))
     names = chosen.inputs(base, finetuned)
     paths = [resolve_model_path(p) for p in names]
     check_distinct(paths)
@@ -95,8 +114,11 @@ def merge_checkpoints(
     out_dtype = parse_dtype(dtype)
     checkpoints = [open_checkpoint(p, input_label(name, p)) for name, p in zip(names, paths, strict=True)]
     _check_files_outside(checkpoints, output)
-    forms = [chosen.linear_form(len(finetuned), s) for s in scales]
-    plan = plan_merge(checkpoints, out_dtype, parse_size(chunk_size), strict=strict)
+    forms = chosen.forms(len(finetuned), scales, weights)
+    chunk_bytes = parse_size(chunk_size)
+    if not chosen.linear:  # all N chunks of a job are held at once: the chunk shrinks with N
+        chunk_bytes = working_chunk_bytes(chunk_bytes, len(finetuned))
+    plan = plan_merge(checkpoints, out_dtype, chunk_bytes, strict=strict)
     written_dtype = out_dtype or _floating_dtype(plan)
     targets = [Path(scale_dir(s)) for s in scales] if _is_list(scale) else [Path()]
     provenances = [{
@@ -106,15 +128,16 @@ def merge_checkpoints(
         "n_finetuned": len(finetuned),
         "base": _identity(checkpoints[0]) if base is not None else None,
         "finetuned": [_identity(c) for c in checkpoints[-len(finetuned):]],
-        "base_coef": form.base_coef,
-        "sum_coef": form.sum_coef,
+        **({"base_coef": form.base_coef, "sum_coef": form.sum_coef} if chosen.linear else {}),
+        **({"weights": list(weights)} if weights else {}),
         "dtype": dtype_name(out_dtype) if out_dtype else "as input",
         "left_out": plan.extras,
     } for s, form in zip(scales, forms, strict=True)]
     metadatas = [{"format": "pt", "taskvec": json.dumps(p, separators=(",", ":"))} for p in provenances]
     config_updates = _config_updates(checkpoints[0].config, written_dtype)
     _check_free_space(output, plan, metadatas, checkpoints[0], provenances)
-    executor = make_executor(device)
+    executor = _executor(chosen, weights, device)
+    passes = 0 if chosen.linear else getattr(chosen.statistics(len(finetuned)), "passes", 0)
     reader = JobReader()
     with staged_directory(output, overwrite) as staging:
         for target in targets:
@@ -122,7 +145,7 @@ def merge_checkpoints(
         shards = [ShardWriter(staging / target, plan.outputs, parse_size(max_shard_size), metadata)
                   for target, metadata in zip(targets, metadatas, strict=True)]
         writers = [JobWriter(s) for s in shards]
-        bar = tqdm(total=plan.bytes_read, unit="B", unit_scale=True, desc=f"taskvec {chosen.name}",
+        bar = tqdm(total=plan.bytes_read * (1 + passes), unit="B", unit_scale=True, desc=f"taskvec {chosen.name}",
                    disable=None if progress is None else not progress)
         try:
             with _output_errors(output), ExitStack() as stack:
@@ -145,6 +168,14 @@ def merge_checkpoints(
     return MergeResult(output, shards[0].files, plan.bytes_read,
                        len(targets) * sum(spec.nbytes for spec in plan.outputs), time.perf_counter() - started,
                        notes, [output / target for target in targets])
+
+
+def _executor(method, weights, device: str):
+    """The fused-kernel executors for plain linear forms; the general torch executor (on the CPU
+    or the GPU) for non-linear methods, and for weighted forms on a GPU."""
+    if method.linear and (weights is None or device == "cpu" or (device == "auto" and not torch.cuda.is_available())):
+        return make_executor(device)
+    return make_general_executor(device)
 
 
 def _is_list(scale) -> bool:

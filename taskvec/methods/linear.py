@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 from taskvec.errors import TaskvecError
 from taskvec.methods.base import LinearForm, MergeMethod
 
@@ -11,8 +13,11 @@ class NegatedMean(MergeMethod):
     formula = "base - scale * (mean(finetuned) - base)"
     reference = "Kim et al., COLM 2024: Decoupling Noise and Toxic Parameters ... by Task Vector Merging"
 
-    def linear_form(self, n, scale):
-        return LinearForm(1.0 + scale, -scale / n)
+    def linear_form(self, n, scale, weights=None):
+        if weights is None:  # the plain mean: today's path, the fused kernel's form
+            return LinearForm(1.0 + scale, -scale / n)
+        # base - scale * (sum_i w_i ft_i / W - base), W = sum_i w_i
+        return LinearForm(1.0 + scale, -scale / math.fsum(weights), tuple(weights))
 
 
 class Negate(NegatedMean):
@@ -32,5 +37,7 @@ class Average(MergeMethod):
     needs_base = False
     min_inputs = 2
 
-    def linear_form(self, n, scale):
+    def linear_form(self, n, scale, weights=None):
+        if weights is not None:
+            raise TaskvecError("average takes no weights")
         return LinearForm(1.0 / n, 1.0 / n)

@@ -9,6 +9,7 @@ import torch
 
 from taskvec.kernels.reference import linear_reference, sum_reference
 from taskvec.methods import LinearForm
+from taskvec.stream.general import weighted_sum
 from taskvec.stream.jobs import JobReader, JobWriter, Prefetcher
 from taskvec.stream.plan import MergePlan
 
@@ -52,7 +53,8 @@ class CpuExecutor:
 
     Three things overlap (os.preadv, torch and os.pwrite all release the GIL): a reader thread
     fills the next chunks, the main thread adds, and a writer thread writes the previous result.
-    The fine-tunes' sum is taken once per chunk, and each form (each scale) written from it.
+    The fine-tunes' sum is taken once per chunk, and each form (each scale) written from it; a
+    weighted form (LinearForm.weights) takes the weighted sum instead.
     """
 
     def run(self, plan: MergePlan, forms: Sequence[LinearForm], reader: JobReader,
@@ -100,7 +102,10 @@ class CpuExecutor:
 
         acc_dtype = torch.float64 if job.in_dtype == torch.float64 else torch.float32
         widen = scratch[:job.numel] if acc_dtype == torch.float32 else None
-        acc = sum_reference(base, finetuned(), acc=slot.accumulator(acc_dtype, job.numel), scratch=widen)
+        if forms[0].weights is None:  # the plain sum
+            acc = sum_reference(base, finetuned(), acc=slot.accumulator(acc_dtype, job.numel), scratch=widen)
+        else:  # a weighted form: every form of a merge shares the weights
+            acc = weighted_sum(finetuned(), forms[0].weights, slot.accumulator(acc_dtype, job.numel), widen)
         results = []
         for k, form in enumerate(forms):
             last = k == len(forms) - 1  # the last form may use the sum's buffer itself

@@ -1,0 +1,31 @@
+"""Combining N sparsified task-vector chunks, as mergekit's generalized task arithmetic does.
+
+`disjoint_mean` is TIES's sign election and disjoint mean (mergekit's `get_mask(method="sum")`
+followed by the normalized sum): weights multiply the deltas first, the elected sign of an entry
+is + where sum_i w_i d_i >= 0 and - otherwise, and the entry is the sum of the w_i d_i whose sign
+agrees, divided by the sum of those w_i (1 where none agrees). Entries equal to zero (dropped or
+pruned) never agree. `weighted_mean` is sum_i w_i d_i / sum_i w_i (the plain mean without weights).
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def disjoint_mean(deltas: torch.Tensor, weights: torch.Tensor | None) -> torch.Tensor:
+    """deltas: [N, n]; weights: [N] or None (all 1). Returns [n]."""
+    if weights is not None:
+        deltas.mul_(weights[:, None])
+    elected = (deltas.sum(0) >= 0).to(deltas.dtype).mul_(2).sub_(1)
+    agree = deltas.sign() == elected
+    mixed = (deltas * agree).sum(0)
+    divisor = (agree * weights[:, None]).sum(0) if weights is not None else agree.sum(0).to(deltas.dtype)
+    divisor[divisor == 0] = 1
+    return mixed.div_(divisor)
+
+
+def weighted_mean(deltas: torch.Tensor, weights: torch.Tensor | None) -> torch.Tensor:
+    """deltas: [N, n]; weights: [N] or None (all 1). Returns [n]."""
+    if weights is None:
+        return deltas.sum(0).div_(deltas.shape[0])
+    return (deltas * weights[:, None]).sum(0).div_(weights.sum())

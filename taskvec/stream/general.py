@@ -1,0 +1,185 @@
+"""The general executor: torch on a device (CPU or a GPU) for what the fused kernel does not take,
+the non-linear methods (TIES, DARE: a chunk-level combine, optionally after per-tensor statistics
+pre-passes) and weighted linear forms on a GPU.
+
+Same contract as the other executors: `run(plan, forms, reader, writers, progress)`. For a
+non-linear method each job's base chunk and all N fine-tune chunks are held at once (a Prefetcher
+with N + 2 buffers reads ahead), the method's combine turns them into the job's tau, segment by
+segment (each segment is one tensor's elements start..start+numel), and every form (every scale)
+is written from that one tau as base - scale * tau. The plan's chunk shrinks with N
+(`working_chunk_bytes`) so that memory stays flat in N. Statistics passes read the inputs one
+chunk at a time (base + one fine-tune), so they hold three chunks.
+
+Memory of a non-linear merge: (N + 2) input chunks + N float32 task-vector chunks (the combine's
+stack) + about N more for the combine's temporaries + one tau and one output chunk per scale:
+about (4N + 6) chunks of the plan, which `working_chunk_bytes` keeps near 4 x --chunk-size.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+
+import torch
+
+from taskvec.kernels.reference import linear_reference
+from taskvec.methods import ChunkContext, CombineForm
+from taskvec.stream.jobs import JobReader, JobWriter, Prefetcher
+from taskvec.stream.plan import Job, MergePlan
+
+
+def working_chunk_bytes(chunk_bytes: int, n_finetuned: int) -> int:
+    """The plan's chunk for a non-linear merge of n fine-tunes: about (4N + 6) chunks are live at
+    once, so a chunk of 4 * chunk_bytes / (4N + 6) keeps memory near 4 x chunk_bytes whatever N."""
+    return max(4, chunk_bytes * 4 // (4 * n_finetuned + 6))
+
+
+def weighted_sum(finetuned: Iterable[torch.Tensor], weights: Sequence[float], acc: torch.Tensor,
+                 scratch: torch.Tensor | None = None) -> torch.Tensor:
+    """sum_i weights[i] * finetuned[i], accumulated in `acc` (float32, or float64): the weighted
+    form's sum step, the same arithmetic on every device."""
+    count = 0
+    for tensor, weight in zip(finetuned, weights, strict=False):
+        if count == 0:
+            acc.copy_(tensor).mul_(weight)
+        else:
+            acc.add_(tensor if tensor.dtype == acc.dtype or scratch is None
+                     else scratch.view(tensor.shape).copy_(tensor), alpha=weight)
+        count += 1
+    if count != len(weights):
+        raise ValueError(f"{count} fine-tuned chunks for {len(weights)} weights")
+    return acc
+
+
+def acc_dtype(job: Job) -> torch.dtype:
+    return torch.float64 if job.in_dtype == torch.float64 else torch.float32
+
+
+class TorchExecutor:
+    """Runs non-linear methods (CombineForm) and weighted linear forms with torch on `device`."""
+
+    def __init__(self, device: str | torch.device = "cpu") -> None:
+        self.device = torch.device(device)
+
+    def run(self, plan: MergePlan, forms: Sequence, reader: JobReader, writers: Sequence[JobWriter],
+            progress) -> None:
+        nonlinear = isinstance(forms[0], CombineForm)
+        weights = forms[0].weights
+        if any(isinstance(f, CombineForm) != nonlinear or f.weights != weights for f in forms):
+            raise ValueError("the forms of one merge share their kind and weights")
+        stats = forms[0].method.statistics(plan.n_inputs - 1) if nonlinear else None
+        if stats is not None:
+            for number in range(stats.passes):
+                self._statistics_pass(plan, stats, number, reader, progress)
+            stats.begin_merge()
+        reads = [(job, index) for job in plan.jobs
+                 for index in range(plan.n_inputs if job.kind == "combine" else 1)]
+        chunks = Prefetcher(reader, reads, plan.buffer_bytes, buffers=plan.n_inputs + 2)
+        outs = [torch.empty(plan.buffer_bytes, dtype=torch.uint8) for _ in forms]
+        weight_tables = {dtype: torch.tensor(weights, dtype=dtype, device=self.device)
+                         for dtype in (torch.float32, torch.float64)} if weights else {}
+        threads = torch.get_num_threads()
+        torch.set_num_threads(max(1, threads - 1))  # a core for the reader thread
+        try:
+            for job in plan.jobs:
+                if job.kind == "copy":
+                    raw = chunks.take()
+                    for writer in writers:
+                        writer.write_job(job, raw[:job.nbytes_in])
+                    chunks.give_back(raw)
+                    progress.update(job.nbytes_in)
+                    continue
+                raws = [chunks.take() for _ in range(plan.n_inputs)]
+                if nonlinear:
+                    results = self._combine_job(plan, forms, job, raws, stats, weight_tables.get(acc_dtype(job)), outs)
+                else:
+                    results = self._linear_job(forms, job, raws, outs)
+                for raw in raws:
+                    chunks.give_back(raw)
+                for writer, result in zip(writers, results, strict=True):
+                    writer.write_job(job, result)
+                progress.update(job.nbytes_in * plan.n_inputs)
+        finally:
+            chunks.close()
+            torch.set_num_threads(threads)
+
+    def _values(self, raw: torch.Tensor, job: Job, dtype: torch.dtype) -> torch.Tensor:
+        """A job's chunk from its host buffer, on the device, in `dtype` (no copy where none is needed)."""
+        values = raw[:job.nbytes_in].view(job.in_dtype)
+        if self.device.type != "cpu":
+            values = values.to(self.device)
+        return values if values.dtype == dtype else values.to(dtype)
+
+    def _combine_job(self, plan, forms, job, raws, stats, weights, outs) -> list[torch.Tensor]:
+        dtype = acc_dtype(job)
+        base = self._values(raws[0], job, dtype)
+        finetuned = [raws[i][:job.nbytes_in].view(job.in_dtype) for i in range(1, plan.n_inputs)]
+        if self.device.type != "cpu":
+            finetuned = [f.to(self.device) for f in finetuned]
+        n = len(finetuned)
+        tau = torch.empty(job.numel, dtype=dtype, device=self.device)
+        position = 0
+        for segment in job.segments:
+            span = slice(position, position + segment.numel)
+            stack = torch.empty((n, segment.numel), dtype=dtype, device=self.device)
+            for row, values in zip(stack, finetuned, strict=True):
+                row.copy_(values[span])
+            context = ChunkContext(segment.name, segment.start, segment.sources[0].numel, stats, weights)
+            tau[span] = forms[0].method.combine(base[span], stack, context)
+            position += segment.numel
+        results = []
+        for form, out in zip(forms, outs, strict=True):
+            merged = torch.add(base, tau, alpha=-form.scale)
+            target = out[:job.nbytes_out].view(job.out_dtype)
+            target.copy_(merged)
+            results.append(out[:job.nbytes_out])
+        return results
+
+    def _linear_job(self, forms, job, raws, outs) -> list[torch.Tensor]:
+        """A weighted linear form: the weighted sum, then each form, as the CPU executor does."""
+        dtype = acc_dtype(job)
+        on_device = [r[:job.nbytes_in].view(job.in_dtype) for r in raws]
+        if self.device.type != "cpu":
+            on_device = [v.to(self.device) for v in on_device]
+        base = on_device[0]
+        acc = torch.empty(job.numel, dtype=dtype, device=self.device)
+        scratch = torch.empty(job.numel, dtype=dtype, device=self.device) if job.in_dtype != dtype else None
+        weighted_sum(on_device[1:], forms[0].weights, acc, scratch)
+        results = []
+        for k, (form, out) in enumerate(zip(forms, outs, strict=True)):
+            last = k == len(forms) - 1
+            work = None if last else torch.empty_like(acc)
+            result = linear_reference(acc, base, form.base_coef, form.sum_coef, dtype=job.out_dtype,
+                                      work=work, scratch=scratch)
+            out[:job.nbytes_out].view(job.out_dtype).copy_(result)
+            results.append(out[:job.nbytes_out])
+        return results
+
+    def _statistics_pass(self, plan, stats, number, reader, progress) -> None:
+        """One streaming pass of `stats.update` over the chunks it wants: base and one fine-tune at
+        a time."""
+        jobs = [job for job in plan.jobs if job.kind == "combine"]
+        wanted = [job for job in jobs if any(stats.wants(number, s.name) for s in job.segments)]
+        reads = [(job, index) for job in wanted for index in range(plan.n_inputs)]
+        chunks = Prefetcher(reader, reads, plan.buffer_bytes, buffers=3)
+        try:
+            for job in wanted:
+                base_raw = chunks.take()
+                base = self._values(base_raw, job, acc_dtype(job))
+                for index in range(plan.n_inputs - 1):
+                    raw = chunks.take()
+                    values = self._values(raw, job, acc_dtype(job))
+                    position = 0
+                    for segment in job.segments:
+                        if stats.wants(number, segment.name):
+                            span = slice(position, position + segment.numel)
+                            stats.update(number, segment.name, segment.start, segment.sources[0].numel, index,
+                                         values[span] - base[span])
+                        position += segment.numel
+                    chunks.give_back(raw)
+                chunks.give_back(base_raw)
+                progress.update(job.nbytes_in * plan.n_inputs)
+        finally:
+            chunks.close()
+        read = {id(job) for job in wanted}
+        progress.update(sum(job.nbytes_in for job in jobs if id(job) not in read) * plan.n_inputs)
+
