@@ -50,18 +50,59 @@ def _run(**kwargs):
                    err=True)
 
 
+class WeightList(click.ParamType):
+    """`1,2,0.5`: one weight per fine-tune, in the order given."""
+
+    name = "w1,...,wN"
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, (list, tuple)):
+            return list(value)
+        try:
+            return [float(part) for part in str(value).split(",")]
+        except ValueError:
+            self.fail(f"{value!r} is not a comma-separated list of numbers", param, ctx)
+
+
+def _method_options(command):
+    """--method, --weights, and an option per parameter the methods declare (taskvec.methods)."""
+    from taskvec.methods import MERGE_METHODS, method_params
+
+    types = {float: click.FLOAT, int: click.INT}
+    options = [
+        click.option("--method", type=click.Choice(MERGE_METHODS), default="negated_mean", show_default=True,
+                     help="negated_mean: the mean task vector (the paper's); ties: trim, elect sign, disjoint "
+                          "mean (--density); dare, dare-ties: random drop and rescale (--density, --seed), then "
+                          "the mean or TIES's disjoint mean. All write base - scale * tau (docs/methods.md)."),
+        click.option("--weights", type=WeightList(), default=None,
+                     help="One weight per FINETUNED (w1,...,wN, >= 0): tau is the weighted mean of the task "
+                          "vectors (weighted disjoint mean for ties, dare-ties) [default: equal]."),
+    ]
+    for name, (param, _methods) in method_params().items():
+        options.append(click.option(f"--{name.replace('_', '-')}", type=types.get(param.type, click.STRING),
+                                    default=None, help=param.help))
+    return functools.reduce(lambda cmd, option: option(cmd), reversed(options), command)
+
+
 @click.command()
 @click.argument("finetuned", nargs=-1, required=True, type=click.Path(exists=False))
 @click.option("--base", required=True, type=click.Path(), help="The pretrained (base) model directory.")
 @click.option("--scale", "-l", type=SCALES, default=1.0, show_default=True,
               help="lambda: how far to move away from the averaged task vector. A list (0.1,0.5,1) or a "
                    "range (0.1:1.0:0.1) writes OUTPUT/scale-X for each, from one read of the inputs.")
+@_method_options
 @_output_options
-def merge(finetuned, base, scale, **options):
+def merge(finetuned, base, scale, method, weights, **options):
     """Negate the averaged task vector of FINETUNED models from BASE.
 
     \b
-        out = base - scale * (mean_i(finetuned_i) - base)
+        out = base - scale * (mean_i(finetuned_i) - base)        --method negated_mean
+        out = base - scale * tau                                  --method ties | dare | dare-ties
+
+    TIES keeps each task vector's largest --density fraction per tensor, elects each entry's
+    sign and averages the agreeing entries; DARE keeps each entry with probability --density
+    (seeded by --seed), rescales by 1/density and averages; dare-ties combines DARE's drop with
+    TIES's sign election. --weights makes any of them a weighted mean.
 
     Each FINETUNED is a model fine-tuned from BASE: a model directory (safetensors or PyTorch
     .bin, single or sharded), one weight file, a PEFT LoRA adapter directory (its task vector is
@@ -74,8 +115,8 @@ def merge(finetuned, base, scale, **options):
 
     Example: taskvec merge --base gpt2 --scale 1.0 -o gpt2-detox runs/split-*
     """
-    _run(finetuned=finetuned, base=base, scale=scale, method="negated_mean", **options)
-    if len(finetuned) == 1:  # often a glob that matched less than meant
+    _run(finetuned=finetuned, base=base, scale=scale, method=method, weights=weights, **options)
+    if len(finetuned) == 1 and method == "negated_mean":  # often a glob that matched less than meant
         click.echo("note: one fine-tune: this negated a single task vector (as `taskvec negate` does), "
                    "with no averaging", err=True)
 
