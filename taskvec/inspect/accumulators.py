@@ -30,9 +30,17 @@ def grid_keys(magnitudes: torch.Tensor) -> torch.Tensor:
 
 class Binning:
     """Histogram edges with numpy.histogram's rule, [e_k, e_k+1) and the last bin closed; values
-    below the first edge go to slot 0, bins to slots 1..bins, values above the last (and NaN) to
-    bins + 1. The slot is computed from the value (linear or log scale), then corrected against
-    the edges themselves, as numpy does: a binary search would cost several times more."""
+    below the first edge go to slot 0, bins to slots 1..bins, values above the last (and NaN, +inf)
+    to bins + 1. Values are magnitudes (>= 0, or NaN).
+
+    The slot is computed from the value (linear or log scale), then corrected against the edges
+    themselves, as numpy does (a binary search would cost several times more). The position is
+    lowered by SHIFT (2^-20 of a bin), far more than its rounding error, so the computed slot is
+    the true one or one below it, and one comparison with the slot's upper edge settles it; for
+    settings whose rounding error could exceed SHIFT (over 2^25 bins, or log bins a tiny fraction
+    of a decade wide) both neighbours are checked instead."""
+
+    SHIFT = 2.0**-20
 
     def __init__(self, edges: np.ndarray, log: bool, device: torch.device) -> None:
         self.edges = torch.as_tensor(edges, dtype=torch.float64, device=device)
@@ -41,25 +49,27 @@ class Binning:
         self.log = log
         first, last = (np.log(edges[0]), np.log(edges[-1])) if log else (edges[0], edges[-1])
         self.first, self.per_unit = float(first), self.bins / float(last - first)
-        infinity = torch.tensor([torch.inf], dtype=torch.float64, device=device)
-        self.bounds = torch.cat([-infinity, self.edges, infinity])  # slot k holds [bounds[k], bounds[k+1])
+        rounding = self.per_unit * max(abs(float(first)), abs(float(last)), float(last - first)) * 2.0**-45
+        self.one_sided = rounding < self.SHIFT
+        top = float(np.nextafter(edges[-1], np.inf))  # the last bin is closed: its edge belongs to it
+        nan = torch.tensor([torch.nan], dtype=torch.float64, device=device)
+        # slot k holds [lower[k], upper[k]); no value is >= NaN, so nothing leaves slot bins + 1
+        self.upper = torch.cat([self.edges[:-1], self.edges.new_tensor([top]), nan])
+        self.lower = torch.cat([self.edges.new_tensor([-torch.inf]), self.edges[:-1], self.edges.new_tensor([top])])
 
     def slots(self, values: torch.Tensor) -> torch.Tensor:
-        position = values.log() if self.log else values - self.first
-        if self.log:
-            position -= self.first
-        position = position.mul_(self.per_unit).nan_to_num_(nan=self.bins, posinf=self.bins, neginf=-1)
-        slot = position.floor_().clamp_(-1, self.bins).long().add_(1)
-        slot -= (values < self.bounds[slot]).long()
-        slot += (values >= self.bounds[slot + 1]).long()
-        return slot.clamp_(max=self.bins + 1).masked_fill_(values == self.edges[-1], self.bins)  # inf: above
+        position = values.log().sub_(self.first) if self.log else values - self.first
+        offset = 1.0 - self.SHIFT if self.one_sided else 1.0
+        position.mul_(self.per_unit).add_(offset).clamp_(0, self.bins + 1).nan_to_num_(nan=self.bins + 1)
+        slot = position.long()  # floor: position >= 0
+        if self.one_sided:
+            return slot.add_(values >= self.upper.take(slot))
+        below, above = values < self.lower.take(slot), values >= self.upper.take(slot)
+        return slot.add_(above).sub_(below.long())
 
     def count_rows(self, values: torch.Tensor) -> torch.Tensor:
         """(rows, slots_count) counts of each row of `values`."""
-        rows = values.shape[0]
-        offsets = torch.arange(rows, device=values.device).unsqueeze(1) * self.slots_count
-        flat = (self.slots(values) + offsets).flatten()
-        return torch.bincount(flat, minlength=rows * self.slots_count).view(rows, self.slots_count)
+        return torch.stack([torch.bincount(self.slots(row), minlength=self.slots_count) for row in values])
 
 
 class FineGrid:
@@ -71,17 +81,20 @@ class FineGrid:
         self.counts = torch.zeros(rows, 0, dtype=torch.int64, device=device)
         self.tiny = torch.zeros(rows, dtype=torch.int64, device=device)
 
-    def add(self, keys: torch.Tensor) -> None:
+    def add(self, keys: torch.Tensor, high: int) -> None:
+        """Count `keys` (rows x elements); `high`: their largest key (from the slice's extremes)."""
         tiny = keys < _FIRST_NORMAL
-        self.tiny += tiny.sum(1)
-        low = int(keys.masked_fill(tiny, torch.iinfo(torch.int64).max).min())
+        low = int(keys.masked_fill(tiny, torch.iinfo(torch.int64).max).amin())
         if low == torch.iinfo(torch.int64).max:
+            self.tiny += tiny.sum(1)
             return
-        self._cover(low, int(keys.max()) + 1)
+        self._cover(low, high + 1)
         width = self.counts.shape[1]
-        offsets = torch.arange(self.rows, device=self.device).unsqueeze(1) * width - self.low
-        index = (keys + offsets).masked_fill_(tiny, self.rows * width).flatten()
-        self.counts += torch.bincount(index, minlength=self.rows * width + 1)[:-1].view(self.rows, width)
+        for row in range(self.rows):  # cell 0 collects the tiny keys: all are below self.low
+            index = (keys[row] - (self.low - 1)).clamp_(min=0)
+            counted = torch.bincount(index, minlength=width + 1)
+            self.tiny[row] += counted[0]
+            self.counts[row] += counted[1:]
 
     def _cover(self, low: int, high: int) -> None:
         old_high = self.low + self.counts.shape[1]
@@ -114,6 +127,43 @@ class FineGrid:
             result[row].index_add_(0, binning.slots(edges / scales[row]), self.counts[row])
             result[row, zero_slot] += self.tiny[row]
         return result
+
+
+class SignCodes:
+    """Each entry's signs across the vectors as one base-3 number (digit 2: tau > 0, 1: tau < 0,
+    0: zero or NaN), so that a slice's zeros, pairwise sign agreements and all-N agreement come
+    from one bincount of its codes (3^rows cells) instead of rows^2 comparisons."""
+
+    MAX_ROWS = 10  # 59049 cells; beyond, the accumulator compares signs directly
+
+    def __init__(self, rows: int, n_finetuned: int, device: torch.device) -> None:
+        self.rows, self.enabled = rows, rows <= self.MAX_ROWS
+        if not self.enabled:
+            return
+        self.cells = 3**rows
+        digits = torch.arange(self.cells, device=device).unsqueeze(1) // 3 ** torch.arange(rows, device=device) % 3
+        self.positive, self.negative = (digits == 2).double(), (digits == 1).double()
+        self.zero = (digits == 0).double()
+        n = n_finetuned
+        everyone = ((digits[:, :n] == 2).all(1) | (digits[:, :n] == 1).all(1)) if n >= 2 else digits[:, 0] < 0
+        self.everyone = everyone.double()
+
+    def codes(self, tau: torch.Tensor) -> torch.Tensor | None:
+        """(elements,) codes of a (rows x elements) matrix, or None where there are too many rows."""
+        if not self.enabled:
+            return None
+        digits = (tau > 0).view(torch.uint8).mul(2).add_((tau < 0).view(torch.uint8))
+        code = digits[-1].int()
+        for row in range(self.rows - 2, -1, -1):
+            code.mul_(3).add_(digits[row])
+        return code
+
+    def count(self, codes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Zeros (and NaNs) per vector, the agreement matrix and the all-N agreement of a slice."""
+        counts = torch.bincount(codes, minlength=self.cells).double()  # exact below 2^53
+        weighted_positive, weighted_negative = self.positive * counts.unsqueeze(1), self.negative * counts.unsqueeze(1)
+        agree = weighted_positive.T @ self.positive + weighted_negative.T @ self.negative
+        return ((counts @ self.zero).round().long(), agree, (counts @ self.everyone).round().long())
 
 
 @dataclass
@@ -160,22 +210,37 @@ class TensorAccumulator:
         self.grid = FineGrid(rows, device)
         self.base_n, self.base_mean, self.base_m2 = 0, 0.0, 0.0
 
-    def add(self, tau: torch.Tensor, magnitude: torch.Tensor, keys: torch.Tensor, base: torch.Tensor) -> None:
-        self.s1 += tau.sum(1)
+    def add(self, tau: torch.Tensor, magnitude: torch.Tensor, keys: torch.Tensor, codes: torch.Tensor | None,
+            signs: SignCodes, base: torch.Tensor) -> None:
+        """One slice: tau and |tau| (rows x elements, float64), their grid keys and sign codes."""
+        sums = tau.sum(1)
+        self.s1 += sums
         self.sa += magnitude.sum(1)
         if self.settings.p not in (1.0, 2.0):
             self.sp += magnitude.pow(self.settings.p).sum(1)
         self.gram += tau @ tau.T
-        torch.maximum(self.mx, tau.amax(1), out=self.mx)
-        torch.minimum(self.mn, tau.amin(1), out=self.mn)
-        self.zeros += (tau == 0).sum(1)
-        self.below_abs += (magnitude.unsqueeze(2) < self.thresholds).sum(1)
-        positive, negative = (tau > 0).double(), (tau < 0).double()
-        self.agree += positive @ positive.T + negative @ negative.T
-        n = self.n_finetuned
-        if n >= 2:
-            self.all_agree += ((positive[:n].sum(0) == n) | (negative[:n].sum(0) == n)).sum()
-        self.grid.add(keys)
+        mx, mn = tau.amax(1), tau.amin(1)
+        torch.maximum(self.mx, mx, out=self.mx)
+        torch.minimum(self.mn, mn, out=self.mn)
+        for k, threshold in enumerate(self.settings.thresholds):
+            self.below_abs[:, k] += (magnitude < threshold).sum(1)
+        if codes is None:  # too many vectors for one code per entry
+            self.zeros += (tau == 0).sum(1)
+            positive, negative = (tau > 0).double(), (tau < 0).double()
+            self.agree += positive @ positive.T + negative @ negative.T
+            n = self.n_finetuned
+            if n >= 2:
+                self.all_agree += ((positive[:n].sum(0) == n) | (negative[:n].sum(0) == n)).sum()
+        else:
+            zeros, agree, all_agree = signs.count(codes)
+            if not bool(sums.isfinite().all()):  # NaN has the code of 0: take NaNs out of the zeros
+                zeros -= tau.isnan().sum(1)
+            self.zeros += zeros
+            self.agree += agree
+            self.all_agree += all_agree
+        linf = torch.maximum(mx, -mn).max()
+        high = int(grid_keys(linf)) if bool(linf.isfinite()) else int(keys.amax())
+        self.grid.add(keys, high)
         self._add_base(base)
 
     def _add_base(self, base: torch.Tensor) -> None:

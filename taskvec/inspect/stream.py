@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-from taskvec.inspect.accumulators import Binning, TensorAccumulator, Totals, grid_keys
+from taskvec.inspect.accumulators import Binning, SignCodes, TensorAccumulator, Totals, grid_keys
 from taskvec.inspect.settings import Settings
 from taskvec.merge import JobReader, MergePlan, Prefetcher
 
@@ -35,6 +35,7 @@ def run_pass(plan: MergePlan, n_finetuned: int, n_merged: int, settings: Setting
     norm_binning = Binning(settings.edges(settings.norm_range), settings.log_bins, device)
     hist_abs = torch.zeros(rows, abs_binning.slots_count, dtype=torch.int64, device=device)
     hist_norm = torch.zeros_like(hist_abs)
+    signs = SignCodes(rows, n_finetuned, device)
     open_tensors: dict[str, TensorAccumulator] = {}
     tensors: dict[str, Totals] = {}
     base_std: dict[str, float] = {}
@@ -49,6 +50,7 @@ def run_pass(plan: MergePlan, n_finetuned: int, n_merged: int, settings: Setting
             magnitude = tau.abs()
             hist_abs += abs_binning.count_rows(magnitude)
             keys = grid_keys(magnitude)
+            codes = signs.codes(tau)
             position = 0
             for segment in job.segments:
                 end = position + segment.numel
@@ -58,7 +60,7 @@ def run_pass(plan: MergePlan, n_finetuned: int, n_merged: int, settings: Setting
                     accumulator = open_tensors[segment.name] = TensorAccumulator(total, rows, n_finetuned,
                                                                                  settings, device)
                 accumulator.add(tau[:, position:end], magnitude[:, position:end], keys[:, position:end],
-                                base[position:end])
+                                None if codes is None else codes[position:end], signs, base[position:end])
                 if segment.start + segment.numel == total:
                     tensors[segment.name] = open_tensors.pop(segment.name).finish(norm_binning, hist_norm)
                     base_std[segment.name] = accumulator.base_std
