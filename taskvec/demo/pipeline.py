@@ -32,7 +32,7 @@ base:   the small LM, trained on mostly clean text (scale 0 of both curves)
 single: base - scale * (fine-tune of split 0 - base), one task vector (the baseline)
 merged: base - scale * (mean of the N fine-tunes - base)
 SD:     standard deviation of mean toxicity over the sampling seeds"""
-STAGES = 7
+STAGES = 6
 
 
 @dataclass(frozen=True)

@@ -65,8 +65,9 @@ def describe(level: dict, confidence: float) -> str:
              f"{signed(single['increase'])} for a single one")
     ci = pair["relative_reduction_ci"]
     if pair["relative_reduction"] is not None and ci is not None:
-        words += (f": {percent(pair['relative_reduction'])} less ({100 * confidence:.0f}% CI "
-                  f"{percent(ci[0])} to {percent(ci[1])})")
+        share = pair["relative_reduction"]
+        words += (f": {percent(abs(share))} {'less' if share >= 0 else 'more'} ({100 * confidence:.0f}% CI of "
+                  f"the reduction {percent(ci[0])} to {percent(ci[1])})")
     if pair["resolved"]:
         return words
     share = pair["both_reached_share"]
