@@ -12,14 +12,23 @@ from __future__ import annotations
 import torch
 
 
+def sum_rows(rows: torch.Tensor) -> torch.Tensor:
+    """rows[0] + rows[1] + ... in that order, element by element: the same rounding whatever the
+    chunk's length (torch's .sum(0) may reduce in another order for other shapes)."""
+    total = rows[0].clone()
+    for row in rows[1:]:
+        total.add_(row)
+    return total
+
+
 def disjoint_mean(deltas: torch.Tensor, weights: torch.Tensor | None) -> torch.Tensor:
     """deltas: [N, n]; weights: [N] or None (all 1). Returns [n]."""
     if weights is not None:
         deltas.mul_(weights[:, None])
-    elected = (deltas.sum(0) >= 0).to(deltas.dtype).mul_(2).sub_(1)
+    elected = (sum_rows(deltas) >= 0).to(deltas.dtype).mul_(2).sub_(1)
     agree = deltas.sign() == elected
-    mixed = (deltas * agree).sum(0)
-    divisor = (agree * weights[:, None]).sum(0) if weights is not None else agree.sum(0).to(deltas.dtype)
+    mixed = sum_rows(deltas.mul_(agree))
+    divisor = sum_rows(agree * weights[:, None]) if weights is not None else sum_rows(agree.to(deltas.dtype))
     divisor[divisor == 0] = 1
     return mixed.div_(divisor)
 
@@ -27,5 +36,5 @@ def disjoint_mean(deltas: torch.Tensor, weights: torch.Tensor | None) -> torch.T
 def weighted_mean(deltas: torch.Tensor, weights: torch.Tensor | None) -> torch.Tensor:
     """deltas: [N, n]; weights: [N] or None (all 1). Returns [n]."""
     if weights is None:
-        return deltas.sum(0).div_(deltas.shape[0])
-    return (deltas * weights[:, None]).sum(0).div_(weights.sum())
+        return sum_rows(deltas).div_(deltas.shape[0])
+    return sum_rows(deltas.mul_(weights[:, None])).div_(sum_rows(weights))

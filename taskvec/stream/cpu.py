@@ -105,7 +105,7 @@ class CpuExecutor:
         if forms[0].weights is None:  # the plain sum
             acc = sum_reference(base, finetuned(), acc=slot.accumulator(acc_dtype, job.numel), scratch=widen)
         else:  # a weighted form: every form of a merge shares the weights
-            acc = weighted_sum(finetuned(), forms[0].weights, slot.accumulator(acc_dtype, job.numel), widen)
+            acc = weighted_sum(finetuned(), forms[0].weights, slot.accumulator(acc_dtype, job.numel))
         results = []
         for k, form in enumerate(forms):
             last = k == len(forms) - 1  # the last form may use the sum's buffer itself

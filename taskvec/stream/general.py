@@ -33,17 +33,16 @@ def working_chunk_bytes(chunk_bytes: int, n_finetuned: int) -> int:
     return max(4, chunk_bytes * 4 // (4 * n_finetuned + 6))
 
 
-def weighted_sum(finetuned: Iterable[torch.Tensor], weights: Sequence[float], acc: torch.Tensor,
-                 scratch: torch.Tensor | None = None) -> torch.Tensor:
+def weighted_sum(finetuned: Iterable[torch.Tensor], weights: Sequence[float], acc: torch.Tensor) -> torch.Tensor:
     """sum_i weights[i] * finetuned[i], accumulated in `acc` (float32, or float64): the weighted
     form's sum step, the same arithmetic on every device."""
     count = 0
+    term = torch.empty_like(acc)
     for tensor, weight in zip(finetuned, weights, strict=False):
         if count == 0:
             acc.copy_(tensor).mul_(weight)
-        else:
-            acc.add_(tensor if tensor.dtype == acc.dtype or scratch is None
-                     else scratch.view(tensor.shape).copy_(tensor), alpha=weight)
+        else:  # multiply, then add: a fused multiply-add would round differently in a chunk's tail
+            acc.add_(torch.mul(tensor if tensor.dtype == acc.dtype else term.copy_(tensor), weight, out=term))
         count += 1
     if count != len(weights):
         raise ValueError(f"{count} fine-tuned chunks for {len(weights)} weights")
@@ -128,7 +127,7 @@ class TorchExecutor:
             position += segment.numel
         results = []
         for form, out in zip(forms, outs, strict=True):
-            merged = torch.add(base, tau, alpha=-form.scale)
+            merged = torch.mul(tau, -form.scale).add_(base)  # two roundings, never fused: chunk-independent
             target = out[:job.nbytes_out].view(job.out_dtype)
             target.copy_(merged)
             results.append(out[:job.nbytes_out])
@@ -143,7 +142,7 @@ class TorchExecutor:
         base = on_device[0]
         acc = torch.empty(job.numel, dtype=dtype, device=self.device)
         scratch = torch.empty(job.numel, dtype=dtype, device=self.device) if job.in_dtype != dtype else None
-        weighted_sum(on_device[1:], forms[0].weights, acc, scratch)
+        weighted_sum(on_device[1:], forms[0].weights, acc)
         results = []
         for k, (form, out) in enumerate(zip(forms, outs, strict=True)):
             last = k == len(forms) - 1
