@@ -48,15 +48,27 @@ def sum_reference(base: torch.Tensor, finetuned: Iterable[torch.Tensor], *, acc:
 def linear_reference(acc: torch.Tensor, base: torch.Tensor, base_coef: float, sum_coef: float, *,
                      dtype: torch.dtype | None = None, out: torch.Tensor | None = None,
                      work: torch.Tensor | None = None, scratch: torch.Tensor | None = None) -> torch.Tensor:
-    """``base_coef * base + sum_coef * acc`` in ``dtype`` (default: base's). Computed in ``acc``
-    itself, or in ``work`` (like ``acc``) when the sum is needed again for another scale."""
+    """``base_coef * base + sum_coef * acc`` in ``dtype`` (default: base's). Computed in ``out``
+    when it has acc's dtype, else in ``work`` (like ``acc``) when given, else in ``acc`` itself:
+    acc survives whenever ``out`` or ``work`` is given, for another scale. Two passes over the
+    chunk (one more to convert to a narrower ``out``), each rounding as the single form does."""
     out_dtype = base.dtype if dtype is None else dtype
-    result = acc if work is None else work.view(acc.shape).copy_(acc)
-    result.mul_(sum_coef).add_(_widened(base, result, scratch), alpha=base_coef)
+    if out is not None and out.dtype == acc.dtype:
+        target = out.view(acc.shape)
+    elif work is not None:
+        target = work.view(acc.shape)
+    else:
+        target = acc
+    if target is acc:
+        acc.mul_(sum_coef)
+    else:
+        torch.mul(acc, sum_coef, out=target)
+    target.add_(_widened(base, target, scratch), alpha=base_coef)
     if out is None:
-        return result.to(out_dtype)
+        return target.to(out_dtype)
     out = out.view(base.shape)
-    out.copy_(result)
+    if out.data_ptr() != target.data_ptr():
+        out.copy_(target)
     return out
 
 
