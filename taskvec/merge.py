@@ -274,12 +274,13 @@ def _config_updates(config: dict, dtype: torch.dtype | None) -> dict | None:
 def _check_files_outside(checkpoints: list[Checkpoint], output: Path) -> None:
     """No input file may live in the output, also through a symlink (the HF cache links
     snapshots to blobs): replacing the output would destroy it."""
-    target = output.resolve()
+    target = resolve_path(output)
     for checkpoint in checkpoints:
         for file in checkpoint.files():
-            if target in file.resolve().parents:
+            real = resolve_path(file)
+            if target in real.parents:
                 raise TaskvecError(f"input file {file} is stored inside output {output} "
-                                   f"(as {file.resolve()}); choose another directory")
+                                   f"(as {real}); choose another directory")
 
 
 def _check_free_space(output: Path, plan: MergePlan, metadatas: list[dict], source: Checkpoint,
