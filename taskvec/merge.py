@@ -98,7 +98,7 @@ def merge_checkpoints(
     tensors the base does not have instead of leaving them out, and NaN/inf in the output
     instead of noting them. progress: a tqdm bar (None: only on a terminal).
     """
-    from tqdm.auto import tqdm
+    from taskvec.progress import progress_bar
 
     started = time.perf_counter()
     params = {key: value for key, value in (("density", density), ("seed", seed)) if value is not None}
@@ -145,8 +145,8 @@ def merge_checkpoints(
         shards = [ShardWriter(staging / target, plan.outputs, parse_size(max_shard_size), metadata)
                   for target, metadata in zip(targets, metadatas, strict=True)]
         writers = [JobWriter(s) for s in shards]
-        bar = tqdm(total=plan.bytes_read * (1 + passes), unit="B", unit_scale=True, desc=f"taskvec {chosen.name}",
-                   disable=None if progress is None else not progress)
+        bar = progress_bar(progress, total=plan.bytes_read * (1 + passes), unit="B", unit_scale=True,
+                           desc=f"taskvec {chosen.name}")
         try:
             with _output_errors(output), ExitStack() as stack:
                 for writer in shards:

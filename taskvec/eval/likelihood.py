@@ -41,9 +41,9 @@ def perplexity(model, tokenizer, texts: Sequence[str], *, stride: int = 512, max
     corpus (a quick estimate on slow hardware).
     """
     import torch
-    from tqdm.auto import tqdm
 
     from taskvec.eval.model import context_length
+    from taskvec.progress import progress_bar
 
     if max_length is None:
         max_length = context_length(model)
@@ -61,8 +61,7 @@ def perplexity(model, tokenizer, texts: Sequence[str], *, stride: int = 512, max
     nll_sum, scored, previous_end = 0.0, 0, 0
     starts = range(0, max(len(ids) - max_length, 0) + stride, stride)
     with torch.inference_mode():
-        for begin in tqdm(starts, desc="perplexity", unit="window",
-                          disable=None if progress is None else not progress):
+        for begin in progress_bar(progress, starts, desc="perplexity", unit="window"):
             end = min(begin + max_length, len(ids))
             window = ids[begin:end]
             first = max(previous_end - begin, 1)  # first position not scored by an earlier window

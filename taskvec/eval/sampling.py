@@ -22,9 +22,9 @@ def generate(model, tokenizer, prompts: Sequence[str], *, samples: int = 25, max
     tokenizer is set to pad and truncate on the left (see model.prepare_tokenizer).
     """
     import torch
-    from tqdm.auto import tqdm
 
     from taskvec.eval.model import context_length, prepare_tokenizer
+    from taskvec.progress import progress_bar
 
     if samples < 1 or max_new_tokens < 1 or batch_size < 1:
         raise TaskvecError("samples, max_new_tokens and batch_size must be at least 1")
@@ -43,8 +43,7 @@ def generate(model, tokenizer, prompts: Sequence[str], *, samples: int = 25, max
     devices = [model.device] if model.device.type == "cuda" else []
     with torch.random.fork_rng(devices=devices), torch.inference_mode():
         torch.manual_seed(seed)
-        with tqdm(total=len(jobs), desc="generating", unit="seq",
-                  disable=None if progress is None else not progress) as bar:
+        with progress_bar(progress, total=len(jobs), desc="generating", unit="seq") as bar:
             for start in range(0, len(jobs), batch_size):
                 batch = jobs[start:start + batch_size]
                 inputs = tokenizer([prefix + prompts[i] for i, _ in batch], return_tensors="pt", padding=True,

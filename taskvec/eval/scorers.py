@@ -170,11 +170,10 @@ def file_suffix(name: str) -> str:
 
 def score_texts(scorer: Scorer, texts: Sequence[str], progress: bool | None = None) -> list[float]:
     """Score `texts` in the scorer's batches with a progress bar; check every score is in [0, 1]."""
-    from tqdm.auto import tqdm
+    from taskvec.progress import progress_bar
 
     scores: list[float] = []
-    with tqdm(total=len(texts), desc=f"scoring ({scorer.name})", unit="text",
-              disable=None if progress is None else not progress) as bar:
+    with progress_bar(progress, total=len(texts), desc=f"scoring ({scorer.name})", unit="text") as bar:
         for start in range(0, len(texts), scorer.batch_size):
             batch = list(texts[start:start + scorer.batch_size])
             batch_scores = scorer.score(batch)

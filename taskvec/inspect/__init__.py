@@ -49,7 +49,6 @@ def inspect_checkpoints(
     shared by all vectors, so memory does not grow with their number. device: cpu or cuda.
     """
     import torch
-    from tqdm.auto import tqdm
 
     from taskvec import __version__
     from taskvec.inspect.stream import run_pass
@@ -57,6 +56,7 @@ def inspect_checkpoints(
     from taskvec.io.checkpoint import open_checkpoint, resolve_model_path
     from taskvec.io.shards import parse_size
     from taskvec.merge import check_distinct, input_label, plan_merge
+    from taskvec.progress import progress_bar
 
     chosen = Settings(**settings)
     finetuned, merged = list(finetuned), list(merged)
@@ -82,8 +82,7 @@ def inspect_checkpoints(
     notes = plan.notes + ([f"{len(skipped)} integer or boolean buffers skipped ({', '.join(skipped[:3])}"
                            f"{' ...' if len(skipped) > 3 else ''})"] if skipped else [])
     bytes_read = sum(job.nbytes_in * plan.n_inputs for job in plan.jobs if job.kind == "combine")
-    bar = tqdm(total=bytes_read, unit="B", unit_scale=True, desc="taskvec inspect",
-               disable=None if progress is None else not progress)
+    bar = progress_bar(progress, total=bytes_read, unit="B", unit_scale=True, desc="taskvec inspect")
     try:
         result = run_pass(plan, n_finetuned, len(merged), chosen, where, bar)
     finally:
