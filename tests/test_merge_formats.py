@@ -307,3 +307,29 @@ def test_the_reference_check_catches_a_small_scale_error(tmp_path):
     merge_checkpoints(fts, tmp_path / "out", base=tmp_path / "base", scale=1 + 2**-12, progress=False)
     with pytest.raises(AssertionError, match="exceeds bound"):
         merged_against_reference(load_dir(tmp_path / "base"), [load_dir(p) for p in fts], tmp_path / "out")
+
+
+def test_an_untied_finetune_of_a_tied_base_is_refused(tmp_path):
+    """Before: its own lm_head was 'left out' as an extra and the output tied to the merged wte."""
+    model = tiny_model("gpt2")
+    model.save_pretrained(tmp_path / "base")
+    (ft,) = perturbed_copies(model, tmp_path, 1)
+    state = load_dir(ft)
+    state["lm_head.weight"] = load_dir(tmp_path / "base")["transformer.wte.weight"]
+    save_file(state, ft / "model.safetensors")
+    config = json.loads((ft / "config.json").read_text())
+    (ft / "config.json").write_text(json.dumps({**config, "tie_word_embeddings": False}))
+    expect_refusal(tmp_path, tmp_path / "base", [ft], "its output embedding 'lm_head.weight' is its own")
+
+
+def test_bin_tensors_with_odd_strides_on_size_one_dimensions_are_read(tmp_path):
+    """A (1, n) tensor made by .t() has strides (1, 1): contiguous, but refused before."""
+    from taskvec.io.safetensors_file import FileReader
+    from taskvec.io.torch_file import read_torch_file
+
+    value = torch.randn(5, 1).t()
+    save_bin({"row": value, "plain": torch.randn(3)}, tmp_path / "ft")
+    entry = read_torch_file(tmp_path / "ft" / "pytorch_model.bin")["row"]
+    raw = torch.empty(entry.nbytes, dtype=torch.uint8)
+    FileReader().read_into(entry.path, entry.offset, memoryview(raw.numpy()))
+    assert entry.shape == (1, 5) and torch.equal(raw.view(torch.float32).view(1, 5), value)

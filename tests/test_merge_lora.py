@@ -171,3 +171,29 @@ def test_an_adapter_of_another_model_is_refused_and_another_base_noted(tmp_path)
     assert "good: adapter trained on meta/llama-7b, merged onto base" in result.notes
     with pytest.raises(TaskvecError, match="a LoRA adapter cannot be the base"):
         merge_checkpoints([tmp_path / "base"], tmp_path / "out2", base=good, progress=False)
+
+
+def test_conv1d_modules_are_transposed_whatever_the_saved_flag_says(tmp_path):
+    """PEFT sets fan_in_fan_out per module type but saves one flag: with a Linear target processed
+    last it says false, and a square Conv1D delta was added untransposed (a wrong model, exit 0)."""
+    model = tiny_model("gpt2", tie_word_embeddings=False)
+    model.save_pretrained(tmp_path / "base")
+    adapter = make_adapter(model, tmp_path / "adapter", seed=0, r=4, lora_alpha=8,
+                           target_modules=["attn.c_proj", "lm_head"])
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    (adapter / "adapter_config.json").write_text(json.dumps({**config, "fan_in_fan_out": False}))
+    merge_checkpoints([adapter], tmp_path / "out", base=tmp_path / "base", progress=False)
+    check(tmp_path / "out", tmp_path / "base", [peft_merged(tmp_path / "base", adapter)], 1.0, 4)
+
+
+def test_adapters_that_would_untie_a_tied_base_are_refused(tmp_path):
+    model = tiny_model("gpt2")
+    model.save_pretrained(tmp_path / "base")
+    whole = make_adapter(model, tmp_path / "whole-wte", seed=0, r=4, target_modules=["c_attn"],
+                         modules_to_save=["wte"])
+    with pytest.raises(TaskvecError, match="trains 'transformer.wte.weight' whole .* ties to its output"):
+        merge_checkpoints([whole], tmp_path / "out", base=tmp_path / "base", progress=False)
+    head = make_adapter(model, tmp_path / "head", seed=0, r=4, target_modules=["lm_head"])
+    with pytest.raises(TaskvecError, match="changes 'lm_head.weight', which .* ties to its input embedding"):
+        merge_checkpoints([head], tmp_path / "out", base=tmp_path / "base", progress=False)
+    assert not (tmp_path / "out").exists()

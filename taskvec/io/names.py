@@ -28,6 +28,7 @@ class NamingRules:
     expected: frozenset[str]  # state-dict keys save_pretrained writes (tied ones included)
     dropped: re.Pattern | None  # keys transformers ignores on load
     buffers: frozenset[str]  # non-persistent buffers: never in a current checkpoint
+    transposed: frozenset[str] = frozenset()  # modules storing (in, out) weights: GPT-2's Conv1D
 
     def canonical(self, name: str) -> str | None:
         """The current name of a stored tensor; None for a buffer transformers drops on load."""
@@ -76,5 +77,8 @@ def naming_rules(config: dict) -> tuple[NamingRules | None, str | None]:
     if any(n.endswith("position_ids") for n in buffers):
         patterns.add(r"(^|\.)position_ids$")
     dropped = re.compile("|".join(f"({p})" for p in sorted(patterns))) if patterns else None
+    from transformers.pytorch_utils import Conv1D
+
+    transposed = frozenset(n for n, module in model.named_modules() if isinstance(module, Conv1D))
     return NamingRules(name, model.base_model_prefix or "", frozenset(state), dropped,
-                       frozenset(buffers - state)), None
+                       frozenset(buffers - state), transposed), None

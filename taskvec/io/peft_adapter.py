@@ -42,7 +42,8 @@ class LoraDelta:
     a: TensorEntry
     b: TensorEntry
     scaling: float
-    transpose: bool
+    transpose: bool  # from the config's fan_in_fan_out, until the base's module types decide
+    embedding: bool = False  # lora_embedding_A/B: always transposed, as PEFT does
 
     @property
     def shape(self) -> tuple[int, ...]:
@@ -124,7 +125,7 @@ def _delta(config: dict, where: Path, module: str, parts: dict) -> LoraDelta:
         raise TaskvecError(f"{where}: lora_alpha {alpha!r} for module '{module}' is not a number")
     scaling = alpha / (math.sqrt(rank) if config.get("use_rslora") else rank)
     transpose = bool(parts["embedding"]) or bool(config.get("fan_in_fan_out"))
-    return LoraDelta(f"{module}.weight", a, b, float(scaling), transpose)
+    return LoraDelta(f"{module}.weight", a, b, float(scaling), transpose, bool(parts["embedding"]))
 
 
 def _pattern_value(patterns: dict, module: str):

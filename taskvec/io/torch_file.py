@@ -142,7 +142,10 @@ def _entry(path: Path, name: str, ref: _TensorRef, size: int) -> TensorEntry:
     if not all(isinstance(d, int) and d >= 0 for d in shape) or not isinstance(ref.storage_offset, int):
         raise TaskvecError(f"{where}: corrupt shape {list(shape)}")
     numel = math.prod(shape)
-    if numel > 1 and ref.stride != _contiguous_strides(shape):
+    if len(ref.stride) != len(shape):
+        raise TaskvecError(f"{where}: {len(ref.stride)} strides for {len(shape)} dimensions (corrupt file)")
+    strides = _contiguous_strides(shape)  # a size-1 dimension's stride does not matter
+    if numel > 1 and any(d > 1 and s != c for d, s, c in zip(shape, ref.stride, strides, strict=True)):
         raise TaskvecError(f"{where}: stored as a non-contiguous view (strides {list(ref.stride)}); "
                            "re-save it with tensors made .contiguous(), or as safetensors")
     if ref.storage_offset < 0 or ref.storage_offset + numel > storage.numel:

@@ -8,7 +8,7 @@ base + delta. Every problem is raised here, before an output byte exists.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from taskvec.errors import TaskvecError
@@ -39,11 +39,12 @@ def match_inputs(inputs: list[Checkpoint], *, strict: bool = False) -> Matched:
                            "trained from as --base and the adapter as a fine-tune")
     ref_tensors = tensors[0]
     ref_tied = reference.ties_embeddings is not False
+    transposed = _transposed_modules(inputs) if any(c.adapter for c in inputs) else None
     sources: dict[str, list] = {name: [entry] for name, entry in ref_tensors.items()}
     extras: dict[str, list[str]] = {}
     for checkpoint, named in zip(inputs[1:], tensors[1:], strict=True):
         if checkpoint.adapter is not None:
-            notes.extend(_match_adapter(reference, ref_tensors, ref_tied, checkpoint, named, sources))
+            notes.extend(_match_adapter(reference, ref_tensors, ref_tied, checkpoint, named, sources, transposed))
         else:
             found = _match(reference, ref_tensors, ref_tied, checkpoint, named, sources)
             if found:
@@ -91,8 +92,20 @@ def _canonical_tensors(inputs: list[Checkpoint], notes: list[str]) -> list[dict[
     return result
 
 
+def _transposed_modules(inputs: list[Checkpoint]) -> frozenset[str] | None:
+    """The modules whose weights the architecture stores (in, out), for LoRA deltas: PEFT decides
+    the transposition per module type, but saves one fan_in_fan_out flag for the whole adapter."""
+    configs = [c.config for c in inputs if c.adapter is None and c.config.get("model_type")]
+    rules, _ = naming_rules(configs[0]) if configs else (None, None)
+    return rules.transposed if rules is not None else None
+
+
 def _match(reference, ref_tensors, ref_tied, checkpoint, tensors, sources) -> list[str]:
     """Add a full fine-tune's entries to `sources`; returns its tensors the base does not have."""
+    if ref_tied and checkpoint.ties_embeddings is False and TIED_OUTPUT in tensors:
+        raise TaskvecError(f"{checkpoint.path}: its output embedding '{TIED_OUTPUT}' is its own (config: "
+                           f"tie_word_embeddings false), but {reference.path} ties it to the input embedding; "
+                           "the merge would lose the fine-tune's head: untie the base first")
     tied = checkpoint.ties_embeddings if checkpoint.ties_embeddings is not None else ref_tied
     for name, ref in ref_tensors.items():
         entry = tensors.get(name)
@@ -109,19 +122,20 @@ def _match(reference, ref_tensors, ref_tied, checkpoint, tensors, sources) -> li
     return [name for name in tensors if name not in ref_tensors and not (name == TIED_OUTPUT and tied)]
 
 
-def _match_adapter(reference, ref_tensors, ref_tied, checkpoint, tensors, sources) -> list[str]:
+def _match_adapter(reference, ref_tensors, ref_tied, checkpoint, tensors, sources, transposed) -> list[str]:
     """A LoRA adapter as a fine-tune: base + delta for its target modules, its own tensors where it
     trains them whole, the base's everywhere else. Returns a note if it names another base."""
+    embedding = next((n for n in INPUT_EMBEDDINGS if n in ref_tensors), None)
+    _check_adapter_ties(reference, ref_tied, checkpoint, tensors, embedding)
     for name in tensors:
         if name not in ref_tensors:
             raise TaskvecError(f"{checkpoint.path}: the adapter changes '{name}', which {reference.path} "
                                "does not have (an adapter of another model?)")
-    embedding = next((n for n in INPUT_EMBEDDINGS if n in ref_tensors), None)
     for name, ref in ref_tensors.items():
         key = embedding if name == TIED_OUTPUT and ref_tied and name not in tensors and embedding else name
         item = tensors.get(key)
         if isinstance(item, LoraDelta):
-            source = LoraSource(ref_tensors[key], item)
+            source = LoraSource(ref_tensors[key], _oriented(item, ref_tensors[key], transposed))
         elif item is not None:
             _check_shape(name, item, ref)
             source = item
@@ -132,6 +146,34 @@ def _match_adapter(reference, ref_tensors, ref_tied, checkpoint, tensors, source
     if wanted and reference.label not in (str(wanted), Path(str(wanted)).name):
         return [f"{checkpoint.label}: adapter trained on {wanted}, merged onto {reference.label}"]
     return []
+
+
+def _check_adapter_ties(reference, ref_tied, checkpoint, tensors, embedding) -> None:
+    """Refuse what would untie a tied base's embeddings: PEFT trains a copy of a `modules_to_save`
+    embedding (the head keeps the old one) and merges a tied head's LoRA into both tensors."""
+    if not ref_tied:
+        return
+    if TIED_OUTPUT in tensors:
+        raise TaskvecError(f"{checkpoint.path}: the adapter changes '{TIED_OUTPUT}', which {reference.path} "
+                           "ties to its input embedding; taskvec does not merge that (merge it with PEFT's "
+                           "merge_and_unload and pass the merged model)")
+    if embedding in tensors and not isinstance(tensors[embedding], LoraDelta):
+        raise TaskvecError(f"{checkpoint.path}: the adapter trains '{embedding}' whole (modules_to_save), which "
+                           f"{reference.path} ties to its output embedding: the fine-tune's head is the old "
+                           "embedding, which a tied output cannot hold; untie the base first")
+
+
+def _oriented(delta: LoraDelta, ref, transposed: frozenset[str] | None) -> LoraDelta:
+    """The delta with the transposition its module type needs: from the architecture's module
+    types where known, else from the shapes, else (a square module) from the adapter's flag."""
+    if delta.embedding:
+        return delta
+    if transposed is not None:
+        return replace(delta, transpose=delta.target.removesuffix(".weight") in transposed)
+    rows, cols = delta.b.shape[0], delta.a.shape[1]
+    if rows != cols:
+        return replace(delta, transpose=tuple(ref.shape) == (cols, rows))
+    return delta
 
 
 def _check_shape(name: str, entry, ref) -> None:
