@@ -14,7 +14,7 @@ def _output_options(command):
         click.option("--output", "-o", required=True, type=click.Path(file_okay=False),
                      help="Directory to write the merged model to (created; must not exist)."),
         click.option("--dtype", type=click.Choice(OUTPUT_DTYPES),
-                     default=None, help="Dtype of floating tensors in the output [default: the inputs']."),
+                     default=None, help="Dtype of floating tensors in the output [default: the base's]."),
         click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto",
                      show_default=True,
                      help="Where the arithmetic runs; auto uses the Triton kernels on a GPU if present."),
@@ -86,7 +86,7 @@ def _method_options(command):
 
 @click.command()
 @click.argument("finetuned", nargs=-1, required=True, type=click.Path(exists=False))
-@click.option("--base", required=True, type=click.Path(), help="The pretrained (base) model directory.")
+@click.option("--base", required=True, type=click.Path(), help="The pretrained (base) model: a directory or a hub id.")
 @click.option("--scale", "-l", type=SCALES, default=1.0, show_default=True,
               help="lambda: how far to move away from the averaged task vector. A list (0.1,0.5,1) or a "
                    "range (0.1:1.0:0.1) writes OUTPUT/scale-X for each, from one read of the inputs.")
@@ -133,7 +133,7 @@ def average(finetuned, **options):
 
 
 @click.command()
-@click.option("--base", required=True, type=click.Path(), help="The pretrained (base) model directory.")
+@click.option("--base", required=True, type=click.Path(), help="The pretrained (base) model: a directory or a hub id.")
 @click.option("--finetuned", required=True, type=click.Path(), help="One fine-tuned model directory.")
 @click.option("--scale", "-l", type=SCALES, default=1.0, show_default=True,
               help="lambda: how far to move away from the task vector; a list or range as for merge.")
