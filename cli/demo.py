@@ -10,7 +10,8 @@ from taskvec.cli.options import SEED
               help="Workspace for the corpus, models, evaluations, table and plot.")
 @click.option("--splits", "-n", type=click.IntRange(min=2), default=5, show_default=True,
               help="Number of toxic splits, hence of fine-tunes averaged.")
-@click.option("--quick", is_flag=True, help="A 2-layer model, a smaller corpus and a smaller sweep: a few minutes, a rougher result.")
+@click.option("--quick", is_flag=True,
+              help="A 2-layer model, a smaller corpus and a smaller sweep: a few minutes, a rougher result.")
 @click.option("--seed", type=SEED, default=0, show_default=True, help="Seed of the corpus, training and sampling.")
 @click.option("--threads", type=click.IntRange(min=1), default=1, show_default=True,
               help="CPU threads for torch; a model this small gains little from more.")
