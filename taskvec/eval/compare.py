@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import os
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
 from taskvec.errors import TaskvecError
 from taskvec.eval.records import GENERATIONS, METRICS, SUMMARY, read_summary
+from taskvec.figures import save_figure
 from taskvec.output_file import check_output_file
 
 # (row key, column header, format)
@@ -117,14 +116,4 @@ def plot_runs(rows: Sequence[dict], output_png: str | Path, *, overwrite: bool =
         axis.xaxis.set_major_formatter(StrMethodFormatter("{x:.4g}"))
     scorers = sorted({row["scorer"] for row in points if row["scorer"]})
     figure.suptitle(f"Toxicity (scorer: {', '.join(scorers) or 'unknown'}) against perplexity")
-    output.parent.mkdir(parents=True, exist_ok=True)
-    handle, staging = tempfile.mkstemp(prefix=f".{output.name}.", suffix=".png", dir=output.parent)
-    os.close(handle)
-    try:
-        figure.savefig(staging, dpi=120)
-        os.replace(staging, output)
-    finally:
-        plt.close(figure)
-        if os.path.exists(staging):
-            os.remove(staging)
-    return output
+    return save_figure(figure, output)

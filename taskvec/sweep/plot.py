@@ -4,11 +4,10 @@ levels, when given, as vertical lines with each method's perplexity there marked
 
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 
 from taskvec.errors import TaskvecError
+from taskvec.figures import save_figure
 from taskvec.sweep.layout import BASE
 
 
@@ -49,14 +48,4 @@ def plot_sweep(rows: list[dict], output: Path, matched: list[dict] | None = None
     axis.set_title("Perplexity against toxicity over the scale" + (" (dotted: matched levels)" if matched else ""))
     axis.grid(True, alpha=0.3)
     axis.legend()
-    output.parent.mkdir(parents=True, exist_ok=True)
-    handle, staging = tempfile.mkstemp(prefix=f".{output.name}.", suffix=".png", dir=output.parent)
-    os.close(handle)
-    try:
-        figure.savefig(staging, dpi=120)
-        os.replace(staging, output)
-    finally:
-        plt.close(figure)
-        if os.path.exists(staging):
-            os.remove(staging)
-    return output
+    return save_figure(figure, output)
