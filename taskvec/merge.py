@@ -35,15 +35,14 @@ from taskvec.stream import (
     JobReader,
     JobWriter,
     MergePlan,
-    Prefetcher,
     make_executor,
     make_general_executor,
     plan_merge,
 )
 from taskvec.stream.general import working_chunk_bytes
 
-__all__ = ["DEFAULT_CHUNK_BYTES", "DEFAULT_MAX_SHARD_SIZE", "PROVENANCE_FILE", "JobReader", "MergePlan",
-           "MergeResult", "Prefetcher", "merge_checkpoints", "plan_merge", "scale_dir"]
+__all__ = ["DEFAULT_CHUNK_BYTES", "DEFAULT_MAX_SHARD_SIZE", "PROVENANCE_FILE", "MergeResult", "check_distinct",
+           "input_label", "merge_checkpoints", "scale_dir"]
 
 DEFAULT_MAX_SHARD_SIZE = "50GB"  # transformers' save_pretrained default
 PROVENANCE_FILE = PROVENANCE

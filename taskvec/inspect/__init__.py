@@ -55,8 +55,9 @@ def inspect_checkpoints(
     from taskvec.inspect.summary import summarize
     from taskvec.io.checkpoint import open_checkpoint, resolve_model_path
     from taskvec.io.shards import parse_size
-    from taskvec.merge import check_distinct, input_label, plan_merge
+    from taskvec.merge import check_distinct, input_label
     from taskvec.progress import progress_bar
+    from taskvec.stream import plan_merge
 
     chosen = Settings(**settings)
     finetuned, merged = list(finetuned), list(merged)

@@ -15,7 +15,7 @@ import torch
 
 from taskvec.inspect.accumulators import Binning, SignCodes, TensorAccumulator, Totals, grid_keys
 from taskvec.inspect.settings import Settings
-from taskvec.merge import JobReader, MergePlan, Prefetcher
+from taskvec.stream import JobReader, MergePlan, Prefetcher
 
 
 @dataclass
