@@ -191,6 +191,29 @@ class Totals:
                       self.below_std + other.below_std, self.agree + other.agree, self.all_agree + other.all_agree)
 
 
+class BaseSpread:
+    """A base tensor's mean and spread from its slices, by Chan et al.'s pairwise update of mean
+    and squared deviations: no cancellation for a LayerNorm weight near 1 with a small spread."""
+
+    def __init__(self) -> None:
+        self.n, self.mean, self.m2 = 0, 0.0, 0.0
+
+    def add(self, base: torch.Tensor) -> None:
+        count = base.numel()
+        mean = float(base.mean())
+        m2 = float(((base - mean) ** 2).sum())
+        total = self.n + count
+        delta = mean - self.mean
+        self.mean += delta * count / total
+        self.m2 += m2 + delta * delta * self.n * count / total
+        self.n = total
+
+    @property
+    def std(self) -> float:
+        """The population standard deviation."""
+        return (self.m2 / self.n) ** 0.5
+
+
 class TensorAccumulator:
     """One tensor's statistics, fed slice by slice (`add`), closed once complete (`finish`)."""
 
@@ -208,7 +231,7 @@ class TensorAccumulator:
         self.thresholds = torch.tensor(settings.thresholds, **zeros)
         self.all_agree = torch.zeros((), **counts)
         self.grid = FineGrid(rows, device)
-        self.base_n, self.base_mean, self.base_m2 = 0, 0.0, 0.0
+        self.base = BaseSpread()
 
     def add(self, tau: torch.Tensor, magnitude: torch.Tensor, keys: torch.Tensor, codes: torch.Tensor | None,
             signs: SignCodes, base: torch.Tensor) -> None:
@@ -241,40 +264,36 @@ class TensorAccumulator:
         linf = torch.maximum(mx, -mn).max()
         high = int(grid_keys(linf)) if bool(linf.isfinite()) else int(keys.amax())
         self.grid.add(keys, high)
-        self._add_base(base)
-
-    def _add_base(self, base: torch.Tensor) -> None:
-        """Chan et al.'s pairwise update of mean and squared deviations: no cancellation for a
-        LayerNorm weight near 1 with a small spread."""
-        count = base.numel()
-        mean = float(base.mean())
-        m2 = float(((base - mean) ** 2).sum())
-        total = self.base_n + count
-        delta = mean - self.base_mean
-        self.base_mean += delta * count / total
-        self.base_m2 += m2 + delta * delta * self.base_n * count / total
-        self.base_n = total
+        self.base.add(base)
 
     @property
     def base_std(self) -> float:
-        """The base tensor's population standard deviation."""
-        return (self.base_m2 / self.base_n) ** 0.5
+        return self.base.std
 
     def finish(self, norm_binning: Binning, norm_hist: torch.Tensor) -> Totals:
         """Close the tensor: apply the relative thresholds to its grid, add its normalised histogram."""
-        rms = (self.gram.diagonal() / self.numel).sqrt()
-        rms_thresholds = rms.unsqueeze(1) * torch.tensor(self.settings.rms_fractions, dtype=torch.float64,
-                                                         device=rms.device)
-        std_thresholds = torch.tensor(self.settings.std_fractions, dtype=torch.float64, device=rms.device) \
-            * self.base_std
-        norm_hist += self.grid.normalised(rms, norm_binning)
         sp = {1.0: self.sa, 2.0: self.gram.diagonal()}.get(self.settings.p, self.sp)
-        cpu = _numpy
-        return Totals(self.numel, cpu(self.s1), cpu(self.sa), cpu(sp), cpu(self.gram), cpu(self.mx), cpu(self.mn),
-                      cpu(self.zeros), cpu(self.below_abs), cpu(self.grid.below(rms_thresholds)),
-                      cpu(self.grid.below(std_thresholds.expand(rms.shape[0], -1))),
-                      cpu(self.agree).round().astype(np.int64), int(self.all_agree))
+        return close_tensor(self.numel, self.s1, self.sa, sp, self.gram, self.mx, self.mn, self.zeros, self.below_abs,
+                            self.agree, int(self.all_agree), self.grid, self.base_std, self.settings, norm_binning,
+                            norm_hist)
 
 
-def _numpy(values: torch.Tensor) -> np.ndarray:
-    return values.cpu().numpy().copy()
+def close_tensor(numel: int, s1, sa, sp, gram, mx, mn, zeros, below_abs, agree, all_agree: int, grid: FineGrid,
+                 base_std: float, settings, norm_binning: Binning, norm_hist: torch.Tensor) -> Totals:
+    """A complete tensor's Totals (arrays: torch or numpy): the relative thresholds applied to its
+    grid, its normalised histogram added to `norm_hist`."""
+    device = grid.counts.device
+    squares = np.diagonal(gram).copy() if isinstance(gram, np.ndarray) else gram.diagonal()
+    diagonal = torch.as_tensor(squares, device=device)
+    rms = (diagonal / numel).sqrt()
+    rms_thresholds = rms.unsqueeze(1) * torch.tensor(settings.rms_fractions, dtype=torch.float64, device=device)
+    std_thresholds = torch.tensor(settings.std_fractions, dtype=torch.float64, device=device) * base_std
+    norm_hist += grid.normalised(rms, norm_binning).to(norm_hist.device)
+    cpu = _numpy
+    return Totals(numel, cpu(s1), cpu(sa), cpu(sp), cpu(gram), cpu(mx), cpu(mn), cpu(zeros), cpu(below_abs),
+                  cpu(grid.below(rms_thresholds)), cpu(grid.below(std_thresholds.expand(rms.shape[0], -1))),
+                  cpu(agree).round().astype(np.int64), all_agree)
+
+
+def _numpy(values) -> np.ndarray:
+    return np.array(values) if isinstance(values, np.ndarray) else values.cpu().numpy().copy()

@@ -1,9 +1,11 @@
 """The one pass: the merge's plan and readers feed each job's task vectors to the accumulators.
 
 Inputs are [base, fine-tunes..., merged...]; each input's chunk of a job arrives in the job's
-dtype from the merge's JobReader, on the merge's Prefetcher thread, and becomes one row of a
-float64 (vectors x elements) matrix: tau_i = ft_i - base, then the mean of the fine-tunes' rows
-(for two or more), then M - base for each merged model. Memory is that matrix and a few
+dtype from the merge's JobReader, on the merge's Prefetcher thread. The vectors are tau_i =
+ft_i - base, then the mean of the fine-tunes' (for two or more), then M - base for each merged
+model. On a CPU the chunks go as one (inputs x elements) array to the compiled loop
+(taskvec.inspect.fused); on CUDA, and as the reference, each vector becomes one row of a float64
+(vectors x elements) matrix for the torch accumulators. Memory is that array or matrix and a few
 temporaries of its size, whatever the model, so the chunk is divided among the vectors.
 """
 
@@ -13,9 +15,11 @@ from dataclasses import dataclass
 
 import torch
 
-from taskvec.inspect.accumulators import Binning, SignCodes, TensorAccumulator, Totals, grid_keys
+from taskvec.inspect.accumulators import BaseSpread, Binning, SignCodes, TensorAccumulator, Totals, grid_keys
 from taskvec.inspect.settings import Settings
 from taskvec.stream import JobReader, MergePlan, Prefetcher
+
+CPU_ENGINE = "fused"  # or "torch": the reference accumulators, which tests also run on CPU
 
 
 @dataclass
@@ -45,6 +49,8 @@ def run_pass(plan: MergePlan, n_finetuned: int, n_merged: int, settings: Setting
     threads = torch.get_num_threads()
     torch.set_num_threads(max(1, threads - 1))  # a core for the reader thread, as the merge does
     try:
+        if device.type == "cpu" and CPU_ENGINE == "fused":
+            return _fused_pass(plan, jobs, chunks, n_finetuned, rows, settings, abs_binning, norm_binning, progress)
         for job in jobs:
             base, tau = _task_vectors(job, chunks, plan.n_inputs, n_finetuned, with_mean, device)
             magnitude = tau.abs()
@@ -89,5 +95,54 @@ def _task_vectors(job, chunks: Prefetcher, n_inputs: int, n_finetuned: int, with
             tau[row].copy_(values).sub_(base)
         chunks.give_back(raw)
     if with_mean:
-        torch.mean(tau[:n_finetuned], 0, out=tau[n_finetuned])
+        mean = tau[n_finetuned]
+        mean.copy_(tau[0])
+        for row in tau[1:n_finetuned]:  # in order, as the fused loop adds them
+            mean.add_(row)
+        mean.div_(n_finetuned)
     return base, tau
+
+
+def _fused_pass(plan: MergePlan, jobs, chunks: Prefetcher, n_finetuned: int, rows: int, settings: Settings,
+                abs_binning: Binning, norm_binning: Binning, progress) -> PassResult:
+    from taskvec.inspect.fused import FusedState
+
+    state = FusedState(rows, n_finetuned, settings, abs_binning)
+    try:
+        return _fused_jobs(plan, jobs, chunks, state, rows, norm_binning, progress)
+    finally:
+        state.close()
+
+
+def _fused_jobs(plan: MergePlan, jobs, chunks: Prefetcher, state, rows: int, norm_binning: Binning,
+                progress) -> PassResult:
+    hist_norm = torch.zeros(rows, norm_binning.slots_count, dtype=torch.int64)
+    tensors: dict[str, Totals] = {}
+    base_std: dict[str, float] = {}
+    spread = BaseSpread()
+    largest = max((job.numel for job in jobs), default=0)
+    wide = any(job.in_dtype == torch.float64 for job in jobs)
+    stack = torch.empty(plan.n_inputs, largest, dtype=torch.float64 if wide else torch.float32)
+    for job in jobs:
+        dtype = torch.float64 if job.in_dtype == torch.float64 else torch.float32
+        x = stack.view(-1)[:plan.n_inputs * job.numel].view(plan.n_inputs, job.numel)
+        if dtype != stack.dtype:
+            x = torch.empty(plan.n_inputs, job.numel, dtype=dtype)
+        for index in range(plan.n_inputs):
+            raw = chunks.take()
+            x[index].copy_(raw[:job.nbytes_in].view(job.in_dtype))
+            chunks.give_back(raw)
+        values = x.numpy()
+        position = 0
+        for segment in job.segments:
+            end = position + segment.numel
+            state.add(values, position, end)
+            spread.add(x[0, position:end].double())
+            if segment.start + segment.numel == segment.sources[0].numel:
+                base_std[segment.name] = spread.std
+                tensors[segment.name] = state.finish(segment.sources[0].numel, spread.std, norm_binning, hist_norm)
+                spread = BaseSpread()
+            position = end
+        progress.update(job.nbytes_in * plan.n_inputs)
+    order = [spec.name for spec in plan.outputs if spec.name in tensors]
+    return PassResult({name: tensors[name] for name in order}, base_std, state.histogram(), hist_norm)

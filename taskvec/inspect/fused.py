@@ -1,0 +1,314 @@
+"""The CPU pass as compiled loops: every statistic of a slice from one read of its inputs.
+
+The torch accumulators (taskvec.inspect.accumulators) take some forty passes over a float64
+(vectors x elements) matrix per chunk; on a CPU that is memory traffic, not arithmetic, and it
+made inspect ten times slower than reading its inputs. Here numba compiles the work of a tile
+of TILE elements: the task vectors (tau_i = ft_i - base, their mean, M - base) are formed once
+into a float64 tile that stays in the core's cache, and a few tight loops over it add to every
+accumulator: sums of tau, |tau| and |tau|^p, the Gram matrix, extremes, zeros, sign agreement,
+absolute thresholds, the relative grid and the absolute histogram. The histogram is counted per
+grid cell (the grid is counted anyway) and each cell binned once when its tensor closes; only
+entries of the cells an edge cuts are binned one by one. A slice is split into one block per
+core, each with its own accumulators, run on Python threads (the loops release the GIL) and
+summed when the tensor closes. The torch accumulators stay the reference (and the CUDA pass);
+tests hold the two to the same counts and to float64 rounding on sums.
+
+Semantics are the torch accumulators': a NaN tau is no zero and agrees with nothing, goes to the
+histograms' last slot and to the grid at NaN's key; the mean is the fine-tunes' rows added in
+order, divided by N; histogram slots are numpy.histogram's, found by position and settled
+against the edges themselves (so the rounding of the position never decides a slot).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from concurrent.futures import ThreadPoolExecutor
+
+import numba
+import numpy as np
+import torch
+
+from taskvec.inspect.accumulators import _FIRST_NORMAL, _SHIFT, Binning, FineGrid, Totals, close_tensor
+
+KEYS = 1 << (63 - _SHIFT)  # every key of a float64 >= 0, NaN's included
+
+# sums[..., k]: tau, |tau|, |tau|^p; extremes[..., k]: max, min
+_SUM, _ABS, _POW = range(3)
+
+
+TILE = 2048  # elements per step: the (vectors x TILE) float64 task vectors stay in a core's L2
+PARALLEL_MIN = 1 << 16  # elements per block below which threads cost more than they save
+MAX_BLOCKS = 8
+
+
+@numba.njit(nogil=True, cache=True)
+def _tile(x, j0, m, n_finetuned, with_mean, tau):
+    """tau[:, :m]: the task vectors of elements j0..j0+m, exactly as the torch pass forms them
+    (the mean: the fine-tunes' rows added in order to a copy of the first, then divided by N)."""
+    n_inputs = x.shape[0]
+    for i in range(1, n_inputs):
+        row = i - 1 if i <= n_finetuned or not with_mean else i
+        for j in range(m):
+            tau[row, j] = np.float64(x[i, j0 + j]) - np.float64(x[0, j0 + j])
+    if with_mean:
+        mean = tau[n_finetuned]
+        for j in range(m):
+            mean[j] = tau[0, j]
+        for i in range(1, n_finetuned):
+            for j in range(m):
+                mean[j] += tau[i, j]
+        for j in range(m):
+            mean[j] /= n_finetuned
+
+
+@numba.njit(nogil=True, cache=True, fastmath={"reassoc", "contract"})
+def _moments(tau, m, power, sums, gram):
+    """Sums of tau, |tau|, |tau|^p and the Gram matrix's upper triangle (reassociated: float64
+    rounding in another order, which the tests' tolerance allows; counts never come from here)."""
+    rows = tau.shape[0]
+    for r in range(rows):
+        total, absolute, powered = 0.0, 0.0, 0.0
+        for j in range(m):
+            t = tau[r, j]
+            total += t
+            absolute += abs(t)
+        if power > 0.0:
+            for j in range(m):
+                powered += abs(tau[r, j]) ** power
+        sums[r, _SUM] += total
+        sums[r, _ABS] += absolute
+        sums[r, _POW] += powered
+        for w in range(r + 1):
+            dot = 0.0
+            for j in range(m):
+                dot += tau[w, j] * tau[r, j]
+            gram[w, r] += dot
+
+
+@numba.njit(nogil=True, cache=True)
+def _counts(tau, m, thresholds, cell_slot, lower, upper, first, per_unit, log_bins, extremes, zeros, below, hist,
+            grid, key_low, key_high, sign, keys, cut):
+    """Extremes, zeros, threshold counts, the relative grid (keys below 256 are zero or
+    subnormal: one cell, summed when the tensor closes), each entry's sign (1, -1, 0 for zero or
+    NaN) into `sign`, and the histogram slot of the entries whose grid cell an edge cuts (the
+    others are counted per cell, and the cells binned when the tensor closes). Branch-free
+    where it can be: the loops vectorize."""
+    rows = tau.shape[0]
+    top = hist.shape[1] - 1
+    for r in range(rows):
+        values, signs = tau[r], sign[r]
+        mx, mn = extremes[r, 0], extremes[r, 1]
+        nan = mx != mx
+        zero = 0
+        for j in range(m):
+            t = values[j]
+            mx = t if t > mx else mx
+            mn = t if t < mn else mn
+            signs[j] = np.int8(t > 0) - np.int8(t < 0)
+            zero += t == 0
+            nan |= t != t
+        extremes[r, 0], extremes[r, 1] = (np.nan, np.nan) if nan else (mx, mn)
+        zeros[r] += zero
+        for k in range(thresholds.shape[0]):
+            threshold = thresholds[k]
+            count = 0
+            for j in range(m):
+                count += abs(values[j]) < threshold
+            below[r, k] += count
+        bits = values.view(np.int64)
+        low, high = key_low[r], key_high[r]
+        for j in range(m):
+            key = (bits[j] & 0x7FFFFFFFFFFFFFFF) >> 44  # |tau|'s exponent and top mantissa bits
+            keys[j] = key
+            high = max(high, key)
+            low = min(low, key if key >= 256 else 1 << 20)
+        key_low[r], key_high[r] = low, high
+        cells = grid[r]
+        n_cut = 0
+        for j in range(m):
+            key = keys[j]
+            cells[key] += 1
+            cut[n_cut] = j
+            n_cut += cell_slot[key] < 0
+        for c in range(n_cut):
+            j = cut[c]
+            hist[r, _slot(abs(values[j]), lower, upper, first, per_unit, log_bins, top)] += 1
+
+
+@numba.njit(nogil=True, cache=True)
+def _slot(a, lower, upper, first, per_unit, log_bins, top):
+    """numpy.histogram's slot of a >= 0 (0: below the edges, top: above them or NaN): from the
+    position, then settled against the edges themselves."""
+    if a != a:
+        return top
+    if log_bins:
+        position = (math.log(a) - first) * per_unit + 1.0 if a > 0 else 0.0
+    else:
+        position = (a - first) * per_unit + 1.0
+    slot = int(min(max(position, 0.0), float(top)))
+    while slot > 0 and a < lower[slot]:
+        slot -= 1
+    while slot < top and a >= upper[slot]:
+        slot += 1
+    return slot
+
+
+@numba.njit(nogil=True, cache=True)
+def _agreement(sign, m, n_finetuned, agree, all_agree, block):
+    """Pairwise same-nonzero-sign counts (upper triangle) and the all-fine-tunes agreement."""
+    rows = sign.shape[0]
+    for r in range(rows):
+        for w in range(r + 1):
+            count = np.int32(0)
+            ours, theirs = sign[r], sign[w]
+            for j in range(m):
+                count += np.int32(ours[j] * theirs[j] > 0)
+            agree[w, r] += count
+    if n_finetuned >= 2:
+        count = 0
+        for j in range(m):
+            total = np.int32(0)
+            for i in range(n_finetuned):
+                total += sign[i, j]
+            count += abs(total) == n_finetuned
+        all_agree[block] += count
+
+
+@numba.njit(nogil=True, cache=True)
+def _accumulate(x, start, stop, block, n_finetuned, with_mean, power, thresholds, cell_slot, lower, upper, first,
+                per_unit, log_bins, sums, gram, extremes, zeros, below, agree, all_agree, hist, grid, key_low,
+                key_high):
+    """Add elements start..stop of the (inputs x elements) chunk `x` (row 0: the base) to the
+    accumulators of `block` (their leading axis), tile by tile."""
+    rows = sums.shape[1]
+    tau = np.empty((rows, TILE), dtype=np.float64)
+    sign = np.empty((rows, TILE), dtype=np.int8)
+    keys = np.empty(TILE, dtype=np.int64)
+    cut = np.empty(TILE, dtype=np.int64)
+    for j0 in range(start, stop, TILE):
+        m = min(TILE, stop - j0)
+        _tile(x, j0, m, n_finetuned, with_mean, tau)
+        _moments(tau, m, power, sums[block], gram[block])
+        _counts(tau, m, thresholds, cell_slot, lower, upper, first, per_unit, log_bins, extremes[block],
+                zeros[block], below[block], hist[block], grid[block], key_low[block], key_high[block], sign, keys,
+                cut)
+        _agreement(sign, m, n_finetuned, agree[block], all_agree, block)
+
+
+class FusedState:
+    """Per-block accumulators of the tensor being read, and of the absolute histogram."""
+
+    def __init__(self, rows: int, n_finetuned: int, settings, abs_binning: Binning, blocks: int | None = None) -> None:
+        self.rows, self.n_finetuned, self.settings = rows, n_finetuned, settings
+        self.blocks = blocks or min(MAX_BLOCKS, len(os.sched_getaffinity(0)))
+        self._pool = ThreadPoolExecutor(self.blocks, thread_name_prefix="taskvec-inspect")
+        shape = (self.blocks, rows)
+        self.power = settings.p if settings.p not in (1.0, 2.0) else 0.0
+        self.thresholds = np.asarray(settings.thresholds, dtype=np.float64)
+        binning = abs_binning
+        self.cell_slot = cell_slots(binning.edges.cpu().numpy())
+        self.binning = (binning.lower.cpu().numpy(), binning.upper.cpu().numpy(), binning.first, binning.per_unit,
+                        binning.log)
+        self.hist = np.zeros((*shape, binning.slots_count), dtype=np.int64)  # entries of cells an edge cuts
+        self.hist_cells = np.zeros((rows, binning.slots_count), dtype=np.int64)  # the others, cell by cell
+        self.grid = np.zeros((*shape, KEYS), dtype=np.int64)
+        self.sums = np.zeros((*shape, 3))
+        self.gram = np.zeros((self.blocks, rows, rows))
+        self.extremes = np.zeros((*shape, 2))
+        self.zeros = np.zeros(shape, dtype=np.int64)
+        self.below = np.zeros((*shape, len(self.thresholds)), dtype=np.int64)
+        self.agree = np.zeros((self.blocks, rows, rows), dtype=np.int64)
+        self.all_agree = np.zeros(self.blocks, dtype=np.int64)
+        self.key_low = np.zeros(shape, dtype=np.int64)
+        self.key_high = np.zeros(shape, dtype=np.int64)
+        self._reset()
+
+    def _reset(self) -> None:
+        for array in (self.sums, self.gram, self.zeros, self.below, self.agree, self.all_agree):
+            array.fill(0)
+        self.extremes[..., 0], self.extremes[..., 1] = -np.inf, np.inf
+        self.key_low.fill(1 << 20)
+        self.key_high.fill(-1)
+
+    def add(self, x: np.ndarray, lo: int, hi: int) -> None:
+        """Elements lo..hi of the (inputs x elements) chunk, row 0 the base (float32 or float64):
+        one block per thread where there are enough of them, else all in block 0."""
+        blocks = self.blocks if hi - lo >= self.blocks * PARALLEL_MIN else 1
+        spans = [(lo + (hi - lo) * k // blocks, lo + (hi - lo) * (k + 1) // blocks, k) for k in range(blocks)]
+        if blocks == 1:
+            self._block(x, *spans[0])
+        else:
+            for future in [self._pool.submit(self._block, x, *span) for span in spans]:
+                future.result()
+
+    def _block(self, x: np.ndarray, start: int, stop: int, block: int) -> None:
+        lower, upper, first, per_unit, log = self.binning
+        _accumulate(x, start, stop, block, self.n_finetuned, self.rows > x.shape[0] - 1, self.power, self.thresholds,
+                    self.cell_slot, lower, upper, first, per_unit, log, self.sums, self.gram, self.extremes,
+                    self.zeros, self.below, self.agree, self.all_agree, self.hist, self.grid, self.key_low,
+                    self.key_high)
+
+    def close(self) -> None:
+        """Stop the block threads."""
+        self._pool.shutdown()
+
+    def finish(self, numel: int, base_std: float, norm_binning: Binning, norm_hist: torch.Tensor) -> Totals:
+        """Close the tensor: sum the blocks, apply the relative thresholds, reset for the next."""
+        sums = self.sums.sum(0)
+        gram = self.gram.sum(0)
+        gram = np.triu(gram) + np.triu(gram, 1).T
+        agree = self.agree.sum(0)
+        agree = np.triu(agree) + np.triu(agree, 1).T
+        mx = self.extremes[..., 0].max(0)
+        mn = self.extremes[..., 1].min(0)
+        for array, extreme in ((mx, self.extremes[..., 0]), (mn, self.extremes[..., 1])):  # NaN wins, as in torch
+            array[np.isnan(extreme).any(0)] = np.nan
+        grid = FineGrid(self.rows, torch.device("cpu"))
+        low, high = int(self.key_low.min()), int(self.key_high.max())
+        tiny = self.grid[:, :, :_FIRST_NORMAL].sum((0, 2))
+        self.grid[:, :, :_FIRST_NORMAL] = 0
+        grid.tiny = torch.from_numpy(tiny)
+        if self.cell_slot[0] >= 0:
+            self.hist_cells[:, self.cell_slot[0]] += tiny
+        if high >= _FIRST_NORMAL:
+            counts = self.grid[:, :, low:high + 1].sum(0)
+            self.grid[:, :, low:high + 1] = 0
+            grid.low, grid.counts = low, torch.from_numpy(counts)
+            slots = self.cell_slot[low:high + 1]
+            inside = slots >= 0
+            for row in range(self.rows):  # float64 weights: exact integer sums below 2^53
+                self.hist_cells[row] += np.bincount(slots[inside], weights=counts[row, inside],
+                                                    minlength=self.hist_cells.shape[1]).astype(np.int64)
+        sp = sums[:, _POW] if self.power else {1.0: sums[:, _ABS], 2.0: np.diagonal(gram)}[self.settings.p]
+        totals = close_tensor(numel, sums[:, _SUM], sums[:, _ABS], np.array(sp), gram, mx, mn, self.zeros.sum(0),
+                              self.below.sum(0), agree, int(self.all_agree.sum()), grid, base_std, self.settings,
+                              norm_binning, norm_hist)
+        self._reset()
+        return totals
+
+    def histogram(self) -> torch.Tensor:
+        """The absolute histogram, summed over blocks: (rows, slots)."""
+        return torch.from_numpy(self.hist.sum(0) + self.hist_cells)
+
+
+def cell_slots(edges: np.ndarray) -> np.ndarray:
+    """For every grid key, the histogram slot of all the values of its cell, or -1 where an edge
+    cuts the cell (its entries are binned one by one). Keys below 256 form one cell, [0, the
+    largest subnormal]; keys of inf and NaN go to the slot above the edges."""
+    keys = np.arange(KEYS, dtype=np.int64)
+    lowest = (keys << _SHIFT).view(np.float64)
+    highest = (((keys + 1) << _SHIFT) - 1).view(np.float64)
+    lowest[:_FIRST_NORMAL], highest[:_FIRST_NORMAL] = 0.0, highest[_FIRST_NORMAL - 1]
+    first, last = _exact_slots(lowest, edges), _exact_slots(highest, edges)
+    return np.where(first == last, first, -1).astype(np.int32)
+
+
+def _exact_slots(values: np.ndarray, edges: np.ndarray) -> np.ndarray:
+    """numpy.histogram's rule by search: [e_k, e_k+1), the last bin closed; 0 below, bins + 1
+    above and NaN."""
+    bins = len(edges) - 1
+    slots = np.searchsorted(edges, values, side="right")
+    slots[values == edges[-1]] = bins
+    slots[np.isnan(values)] = bins + 1
+    return slots
