@@ -13,6 +13,7 @@ from taskvec.cli import main
 from taskvec.demo.corpus import SLOT, expand, grammar, make_corpus
 from taskvec.demo.model import train_tokenizer
 from taskvec.demo.pipeline import MARKER, prepare_output, run_demo
+from taskvec.demo.vectors import compare_vectors
 from taskvec.demo.verdict import WELL_BELOW, judge, summarize
 from taskvec.errors import TaskvecError
 
@@ -228,8 +229,8 @@ def mean_rows(record):
 @pytest.mark.slow
 def test_quick_run_writes_everything_and_prints_the_table(quick_run):
     output, printed = quick_run
-    for number in range(1, 7):
-        assert f"[{number}/6, " in printed
+    for number in range(1, 8):
+        assert f"[{number}/7, " in printed
     record = json.loads((output / MARKER).read_text())
     assert record["status"] == "complete" and record["splits"] == 3 and record["sampling_seeds"] == [0, 1]
     report = (output / "report.txt").read_text()
@@ -252,6 +253,40 @@ def test_quick_run_writes_everything_and_prints_the_table(quick_run):
     checks = judge(record["finetuned_toxicity"], lowest, record["matched"])
     assert [c["passed"] for c in record["checks"]] == [c.passed for c in checks]
     assert summarize(checks, record["matched"]) in report
+
+
+@pytest.mark.slow
+def test_quick_run_compares_the_mean_task_vector_with_the_single_ones(quick_run):
+    """The report's task-vector lines are inspect's numbers for the 3 fine-tunes and their mean."""
+    output, printed = quick_run
+    stats = json.loads((output / "inspect" / "stats.json").read_text())
+    assert stats["vectors"] == ["split-00", "split-01", "split-02", "mean"]
+    lines, numbers = compare_vectors(stats)
+    assert lines in (output / "report.txt").read_text() and lines in printed
+    assert json.loads((output / MARKER).read_text())["task_vectors"] == numbers
+    singles = [stats["global"]["vectors"][f"split-{k:02d}"]["l2"] for k in range(3)]
+    assert numbers["l2_ratio"] == pytest.approx(stats["global"]["vectors"]["mean"]["l2"] / (sum(singles) / 3))
+    assert numbers["l2_ratio"] < 1  # the mean of three different vectors is shorter than they are
+
+
+def _stats(mean_shares, single_shares):
+    """inspect's statistics for two fine-tunes and their mean, with the given relative shares."""
+    def vector(l2, share):
+        return {"l2": l2, "below_abs": {"0.001": share + 0.05}, "below_rms": {"0.1": share}}
+    return {"settings": {"thresholds": [1e-5, 1e-3], "rms_fractions": [0.1]}, "finetuned": ["a", "b"],
+            "global": {"vectors": {"a": vector(2.0, single_shares[0]), "b": vector(4.0, single_shares[1]),
+                                   "mean": vector(2.4, mean_shares)},
+                       "cross": {"mean_pairwise_cosine": 0.6, "all_agree": 0.4, "all_agree_by_chance": 0.5}}}
+
+
+@pytest.mark.parametrize(("mean", "words"), [(0.0880, "no sparser in shape"), (0.20, "sparser in shape than"),
+                                             (0.01, "denser in shape than")])
+def test_task_vector_lines_say_what_the_numbers_show(mean, words):
+    lines, numbers = compare_vectors(_stats(mean, [0.0873, 0.0890]))
+    assert words in lines
+    assert numbers["l2_ratio"] == pytest.approx(0.8)
+    assert "0.80x a single vector's" in lines and "8.7%-8.9% of a single vector's" in lines
+    assert "mean pairwise cosine 0.60; all 2 agree in sign on 40.0% of entries (50.0% by chance)" in lines
 
 
 @pytest.mark.slow

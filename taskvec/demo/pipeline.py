@@ -3,10 +3,10 @@
 Every stage calls the function a real run calls (`taskvec.data.save_splits`,
 `taskvec.train.finetune` / `train_splits`, `taskvec.sweep.run.run_sweep` (which merges with
 `taskvec.merge.merge_checkpoints` and evaluates with `taskvec.eval.evaluate`),
-`taskvec.sweep.matched`); only the texts and the model's size are the demo's own. The output
-directory is a workspace that keeps every intermediate product, each written atomically by the
-stage that makes it, so a user can inspect or reuse them with the other
-`taskvec` commands. A marker file says the directory is the demo's, so that rerunning the demo
+`taskvec.sweep.matched`, `taskvec.inspect.inspect_checkpoints`); only the texts and the model's
+size are the demo's own. The output directory is a workspace that keeps every intermediate
+product, each written atomically by the stage that makes it, so a user can inspect or reuse them
+with the other `taskvec` commands. A marker file says the directory is the demo's, so that rerunning the demo
 may replace it while any other directory is refused unless overwriting was asked for.
 """
 
@@ -32,7 +32,7 @@ base:   the small LM, trained on mostly clean text (scale 0 of both curves)
 single: base - scale * (fine-tune of split 0 - base), one task vector (the baseline)
 merged: base - scale * (mean of the N fine-tunes - base)
 SD:     standard deviation of mean toxicity over the sampling seeds"""
-STAGES = 6
+STAGES = 7
 
 
 @dataclass(frozen=True)
@@ -90,7 +90,9 @@ def run_demo(output: str | Path = "taskvec-demo", *, splits: int = 5,
 
 def _run(output: Path, splits: int, settings: DemoSettings, seed: int, overwrite: bool,
          echo: Callable[[str], None], progress: bool | None) -> DemoResult:
+    from taskvec.demo.vectors import compare_vectors
     from taskvec.eval import evaluate, get_scorer
+    from taskvec.inspect import inspect_checkpoints
     from taskvec.sweep.matched import auto_levels, load_curves, matched_comparison
     from taskvec.sweep.plot import plot_sweep
     from taskvec.sweep.report import format_matched
@@ -132,6 +134,11 @@ def _run(output: Path, splits: int, settings: DemoSettings, seed: int, overwrite
                                            len(corpus.toxic) // splits),
                              progress=progress)
 
+    stage(f"Measuring the {splits} task vectors and their mean (taskvec inspect)")
+    inspected = inspect_checkpoints(base, finetuned, output=output / "inspect", progress=progress)
+    vectors, vector_numbers = compare_vectors(inspected)
+    echo(vectors)
+
     scorer = get_scorer("profanity")
     evaluation = dict(samples=settings.samples, max_new_tokens=settings.max_new_tokens,
                       max_length=settings.ppl_window, stride=settings.ppl_window // 2)
@@ -154,12 +161,12 @@ def _run(output: Path, splits: int, settings: DemoSettings, seed: int, overwrite
     lowest = {method: min(row["mean_toxicity"] for row in sweep.rows
                           if row["method"] == method and row["seed"] == "mean") for method in ("merged", "single")}
     checks = judge(finetuned_toxicity, lowest, matched)
-    report = "\n".join([format_means(sweep.rows), "", LEGEND, "", format_matched(matched), "",
+    report = "\n".join([format_means(sweep.rows), "", LEGEND, "", format_matched(matched), "", vectors, "",
                         summarize(checks, matched)])
     (output / "report.txt").write_text(report + "\n", encoding="utf-8")
     record.update(status="complete", seconds=round(stage.elapsed(), 1), rows=sweep.rows, matched=matched,
-                  finetuned_toxicity=finetuned_toxicity, checks=[asdict(c) for c in checks],
-                  passed=all(c.passed for c in checks))
+                  finetuned_toxicity=finetuned_toxicity, task_vectors=vector_numbers,
+                  checks=[asdict(c) for c in checks], passed=all(c.passed for c in checks))
     _write_json(output / MARKER, record)
     return DemoResult(output, sweep.rows, matched, checks, report, plot)
 
