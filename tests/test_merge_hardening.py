@@ -147,6 +147,20 @@ def test_nan_in_an_input_is_reported_and_refused_with_strict(workdir, tmp_path):
     assert "ft1 holds 2" in message
 
 
+def test_large_finite_outputs_whose_sum_overflows_are_not_reported(workdir, tmp_path):
+    """The writer's quick check sums each chunk; a sum that overflows on finite values must fall
+    through to the exact count, which finds nothing."""
+    base, fts = workdir
+    for directory in (base, *fts):
+        tensors = load_file(directory / "model.safetensors")
+        tensors["transformer.wte.weight"] = torch.full_like(tensors["transformer.wte.weight"], 5e37)
+        save_file(tensors, directory / "model.safetensors")
+    result = merge_checkpoints(fts, tmp_path / "out", base=base, progress=False)
+    assert not [n for n in result.notes if "NaN/inf" in n], result.notes
+    merged = load_file(tmp_path / "out" / "model.safetensors")["transformer.wte.weight"]
+    assert torch.equal(merged, torch.full_like(merged, 5e37))
+
+
 def test_overflow_of_the_output_dtype_is_reported(workdir, tmp_path):
     base, fts = workdir
     result = merge_checkpoints(fts, tmp_path / "out", base=base, scale=1e9, dtype="float16", progress=False)
