@@ -38,7 +38,7 @@ _SUM, _ABS, _POW = range(3)
 
 
 TILE = 2048  # elements per step: the (vectors x TILE) float64 task vectors stay in a core's L2
-PARALLEL_MIN = 1 << 16  # elements per block below which threads cost more than they save
+PARALLEL_MIN = 1 << 14  # elements per block below which threads cost more than they save
 MAX_BLOCKS = 8
 
 
