@@ -5,13 +5,13 @@ LinearForm(base_coef=1.5, sum_coef=-0.125)
 """
 
 from taskvec.errors import TaskvecError
-from taskvec.methods.base import ChunkContext, CombineForm, LinearForm, MergeMethod, Param, check_weights
+from taskvec.methods.base import ChunkContext, CombineForm, FusedCombine, LinearForm, MergeMethod, Param, check_weights
 from taskvec.methods.dare import Dare, DareTies
 from taskvec.methods.linear import Average, Negate, NegatedMean
 from taskvec.methods.ties import Ties
 
-__all__ = ["MERGE_METHODS", "METHODS", "ChunkContext", "CombineForm", "LinearForm", "MergeMethod", "Param",
-           "check_weights", "get_method", "method_params"]
+__all__ = ["MERGE_METHODS", "METHODS", "ChunkContext", "CombineForm", "FusedCombine", "LinearForm", "MergeMethod",
+           "Param", "check_weights", "get_method", "method_params"]
 
 METHODS: dict[str, type[MergeMethod]] = {m.name: m for m in (NegatedMean, Negate, Average, Ties, Dare, DareTies)}
 # What `taskvec merge --method` offers (negate and average have commands of their own).

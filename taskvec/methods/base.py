@@ -42,6 +42,19 @@ class CombineForm:
 
 
 @dataclass(frozen=True)
+class FusedCombine:
+    """A non-linear combine the fused kernel (kernels/sparse_combine.py) computes with the same bytes
+    as `combine()`: tau_i = ft_i - base, sparsified (None; "magnitude": the statistics pre-pass's
+    thresholds; "random": DARE's mask at `density`, `seed`), then `consensus` ("mean": the
+    (weighted) mean; "disjoint": TIES's sign election and disjoint mean)."""
+
+    sparsify: str | None
+    consensus: str
+    density: float = 1.0
+    seed: int = 0
+
+
+@dataclass(frozen=True)
 class ChunkContext:
     """What a chunk-level combine knows besides the values: which tensor, which elements, the
     statistics its pre-pass computed (None without one), and the per-input weights (None: equal)."""
@@ -151,6 +164,11 @@ class MergeMethod:
         [N, n], which the combine may overwrite) in the accumulation dtype (float32; float64 for
         float64 inputs), on the executor's device. Non-linear methods only."""
         raise NotImplementedError(f"{self.name} is linear: it has no chunk combine")
+
+    def fused(self) -> FusedCombine | None:
+        """What the fused kernel computes for this method on a GPU, or None (torch's combine only).
+        It must equal combine() bit for bit (tests/kernels/test_sparse_combine.py)."""
+        return None
 
     def provenance(self) -> dict:
         return {"method": self.name, "formula": self.formula, **({"params": self.values} if self.values else {})}

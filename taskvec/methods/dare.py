@@ -8,7 +8,7 @@ mergekit's `dare_linear`/`dare_ties` differ by default: they rescale by the L1 n
 
 from __future__ import annotations
 
-from taskvec.methods.base import ChunkContext, MergeMethod, Param
+from taskvec.methods.base import ChunkContext, FusedCombine, MergeMethod, Param
 from taskvec.methods.ties import DENSITY
 
 
@@ -27,6 +27,7 @@ class Dare(MergeMethod):
     params = (DENSITY, SEED)
     linear = False
     memory = "N + 1 input chunks and the N task-vector chunks (the chunk shrinks with N); no pre-pass"
+    consensus = "mean"  # what combine() takes after the drop (the fused kernel's switch)
 
     def _dropped(self, base, finetuned, context: ChunkContext):
         from taskvec.methods.sparsify import dare_drop, random_keep
@@ -39,6 +40,10 @@ class Dare(MergeMethod):
                 dare_drop(delta, keep, density)
         return deltas
 
+    def fused(self):
+        density = self.values["density"]
+        return FusedCombine("random" if density < 1 else None, self.consensus, density, self.values["seed"])
+
     def combine(self, base, finetuned, context: ChunkContext):
         from taskvec.methods.consensus import weighted_mean
 
@@ -50,6 +55,7 @@ class DareTies(Dare):
     formula = ("base - scale * disjoint_mean_i(mask_i * (ft_i - base) / density), mask_i ~ Bernoulli(density), "
                "signs elected as in ties")
     reference = "Yu et al., ICML 2024 (DARE) with Yadav et al., NeurIPS 2023 (TIES sign election)"
+    consensus = "disjoint"
 
     def combine(self, base, finetuned, context: ChunkContext):
         from taskvec.methods.consensus import disjoint_mean

@@ -171,6 +171,22 @@ class MagnitudeThresholds:
         self._seen[(name, index)] = seen + int(equal.sum())
         return keep
 
+    def keep_rule(self, name: str, index: int, numel: int, tau) -> tuple[int, int]:
+        """`keep()` as a rule for a fused kernel: (T, c) such that entry p of the next chunk of
+        (name, index), of `numel` entries, is kept iff key > T, or key == T and p <= c. `tau()`
+        gives the chunk's float32 tau; it is called only when the ties at T are split in this
+        chunk (else no tau is needed). Advances the same count of ties as `keep()`."""
+        threshold, take = self.thresholds[(name, index)]
+        if take is None:
+            return threshold, numel
+        seen = self._seen.get((name, index), 0)
+        if seen >= take:  # the quota is full: the count no longer matters
+            return threshold, -1
+        equal = magnitude_key(tau()) == threshold
+        positions = torch.nonzero(equal).flatten()
+        self._seen[(name, index)] = seen + positions.numel()
+        return threshold, numel if seen + positions.numel() <= take else int(positions[take - seen - 1])
+
 
 def _from_top(hist: torch.Tensor, k: int) -> tuple[int, int]:
     """The bucket b holding the k-th largest entry and how many of the k fall into b."""

@@ -4,7 +4,7 @@ each entry's sign, take the disjoint mean. mergekit's `ties` (sparsify "magnitud
 
 from __future__ import annotations
 
-from taskvec.methods.base import ChunkContext, MergeMethod, Param
+from taskvec.methods.base import ChunkContext, FusedCombine, MergeMethod, Param
 
 
 def _density(value: float) -> str | None:
@@ -31,6 +31,9 @@ class Ties(MergeMethod):
 
         density = self.values["density"]
         return None if density >= 1 else MagnitudeThresholds(density)
+
+    def fused(self):
+        return FusedCombine("magnitude" if self.values["density"] < 1 else None, "disjoint")
 
     def combine(self, base, finetuned, context: ChunkContext):
         from taskvec.methods.consensus import disjoint_mean

@@ -6,7 +6,10 @@ Same contract as the other executors: `run(plan, forms, reader, writers, progres
 non-linear method each job's base chunk and all N fine-tune chunks are held at once (a Prefetcher
 with N + 2 buffers reads ahead), the method's combine turns them into the job's tau, segment by
 segment (each segment is one tensor's elements start..start+numel), and every form (every scale)
-is written from that one tau as base - scale * tau. The plan's chunk shrinks with N
+is written from that one tau as base - scale * tau. On a GPU, a method that declares `fused()`
+(TIES, DARE, dare-ties) runs each job as one launch of the fused Triton kernel instead
+(kernels/sparse_combine.py: one pass, the torch path's bytes), for float32/16-bit jobs; float64
+jobs, and every job on the CPU, take the torch path. The plan's chunk shrinks with N
 (`working_chunk_bytes`) so that memory stays flat in N. Statistics passes read the inputs one
 chunk at a time (base + one fine-tune), so they hold three chunks.
 
@@ -54,10 +57,17 @@ def acc_dtype(job: Job) -> torch.dtype:
 
 
 class TorchExecutor:
-    """Runs non-linear methods (CombineForm) and weighted linear forms with torch on `device`."""
+    """Runs non-linear methods (CombineForm) and weighted linear forms with torch on `device`; on a
+    GPU (or with `kernel=True` under TRITON_INTERPRET=1) a method's `fused()` combine runs as the
+    fused Triton kernel instead (kernels/sparse_combine.py: the same bytes, one pass)."""
 
-    def __init__(self, device: str | torch.device = "cpu") -> None:
+    def __init__(self, device: str | torch.device = "cpu", kernel: bool | None = None) -> None:
         self.device = torch.device(device)
+        if kernel is None:
+            from taskvec.kernels import triton_available
+
+            kernel = self.device.type == "cuda" and triton_available()
+        self.kernel = kernel
 
     def run(self, plan: MergePlan, forms: Sequence, reader: JobReader, writers: Sequence[JobWriter],
             progress) -> None:
@@ -72,7 +82,8 @@ class TorchExecutor:
             stats.begin_merge()
         reads = [(job, index) for job in plan.jobs
                  for index in range(plan.n_inputs if job.kind == "combine" else 1)]
-        chunks = Prefetcher(reader, reads, plan.buffer_bytes, buffers=plan.n_inputs + 2)
+        chunks = Prefetcher(reader, reads, plan.buffer_bytes, buffers=plan.n_inputs + 2,
+                            pin=self.device.type == "cuda")
         outs = [torch.empty(plan.buffer_bytes, dtype=torch.uint8) for _ in forms]
         weight_tables = {dtype: torch.tensor(weights, dtype=dtype, device=self.device)
                          for dtype in (torch.float32, torch.float64)} if weights else {}
@@ -109,6 +120,12 @@ class TorchExecutor:
         return values if values.dtype == dtype else values.to(dtype)
 
     def _combine_job(self, plan, forms, job, raws, stats, weights, outs) -> list[torch.Tensor]:
+        fused = forms[0].method.fused() if self.kernel else None
+        if fused is not None:
+            from taskvec.kernels.sparse_combine import KERNEL_DTYPES
+
+            if job.in_dtype in KERNEL_DTYPES and job.out_dtype in KERNEL_DTYPES:
+                return self._kernel_job(plan, forms, job, raws, stats, fused, outs)
         dtype = acc_dtype(job)
         base = self._values(raws[0], job, dtype)
         finetuned = [raws[i][:job.nbytes_in].view(job.in_dtype) for i in range(1, plan.n_inputs)]
@@ -132,6 +149,37 @@ class TorchExecutor:
             target.copy_(merged)
             results.append(out[:job.nbytes_out])
         return results
+
+    def _kernel_job(self, plan, forms, job, raws, stats, fused, outs) -> list[torch.Tensor]:
+        """The job's outputs from the fused kernel: the bytes of the torch path above."""
+        from taskvec.kernels.sparse_combine import sparse_combine_triton
+
+        inputs = [raw[:job.nbytes_in].view(job.in_dtype) for raw in raws[:plan.n_inputs]]
+        if self.device.type != "cpu":
+            inputs = [values.to(self.device) for values in inputs]
+        base, finetuned = inputs[0], inputs[1:]
+        cutoffs = None
+        if fused.sparsify == "magnitude":
+            cutoffs, position = [], 0
+            for segment in job.segments:
+                span = slice(position, position + segment.numel)
+
+                def tau(i, span=span):  # only where ties at the threshold are split in this chunk
+                    return finetuned[i][span].to(torch.float32) - base[span].to(torch.float32)
+
+                cutoffs.append([stats.keep_rule(segment.name, i, segment.numel, lambda i=i: tau(i))
+                                for i in range(len(finetuned))])
+                position += segment.numel
+        targets = [out[:job.nbytes_out].view(job.out_dtype) for out in outs]
+        if self.device.type != "cpu":
+            targets = [torch.empty(job.numel, dtype=job.out_dtype, device=self.device) for _ in outs]
+        sparse_combine_triton(base, finetuned, job.segments, [form.scale for form in forms], targets,
+                              sparsify=fused.sparsify, consensus=fused.consensus, density=fused.density,
+                              seed=fused.seed, weights=forms[0].weights, cutoffs=cutoffs)
+        for out, target in zip(outs, targets, strict=True):
+            if target.device.type != "cpu":
+                out[:job.nbytes_out].view(job.out_dtype).copy_(target)
+        return [out[:job.nbytes_out] for out in outs]
 
     def _linear_job(self, forms, job, raws, outs) -> list[torch.Tensor]:
         """A weighted linear form: the weighted sum, then each form, as the CPU executor does."""

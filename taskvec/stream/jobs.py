@@ -96,14 +96,17 @@ class Prefetcher:
     """Reads chunks in merge order on a background thread, into a small pool of buffers.
 
     os.preadv releases the GIL, so the next chunk is read while the current one is added.
-    `take()` hands out the next filled buffer; `give_back()` returns it to the pool.
+    `take()` hands out the next filled buffer; `give_back()` returns it to the pool. `pin=True`
+    allocates page-locked buffers (for a GPU: host-to-device copies from them run asynchronously
+    and at full speed); a buffer may then be given back only once its copy has finished.
     """
 
-    def __init__(self, reader: JobReader, reads: list[tuple[Job, int]], nbytes: int, buffers: int = 4) -> None:
+    def __init__(self, reader: JobReader, reads: list[tuple[Job, int]], nbytes: int, buffers: int = 4,
+                 pin: bool = False) -> None:
         self._free: queue.SimpleQueue = queue.SimpleQueue()
         self._ready: queue.SimpleQueue = queue.SimpleQueue()
         for _ in range(buffers):
-            self._free.put(torch.empty(nbytes, dtype=torch.uint8))
+            self._free.put(torch.empty(nbytes, dtype=torch.uint8, pin_memory=pin))
         self._stopped = False
         self._thread = threading.Thread(target=self._read_all, args=(reader, reads),
                                         name="taskvec-read", daemon=True)
