@@ -1,17 +1,23 @@
-"""The merge's CUDA executor: disk reads, host-to-device copies and the fused kernel overlap.
+"""The merge's CUDA executor: disk reads, host-to-device copies, the fused kernel, device-to-host
+copies and disk writes overlap.
 
-Same contract as `taskvec.stream.cpu.CpuExecutor.run(plan, forms, reader, writers, progress)`.
-Each "combine" job goes through a two-slot pipeline:
+Same contract as `taskvec.stream.cpu.CpuExecutor.run(plan, forms, reader, writers, progress)`,
+and the same job I/O (taskvec.stream.jobs): each "combine" job goes through a two-slot pipeline,
 
-    host thread:  read input i of job k into a pinned staging buffer (2 of them, alternating)
-    copy stream:  staging buffer -> slot k%2's device buffer for input i (async)
-    compute stream: waits for the slot's copies, runs the kernel, copies the result back to
-                  the slot's pinned output buffer (async)
-    host thread:  meanwhile writes job k-1's results (one per form), then reads job k+1
+    reader thread:  a Prefetcher reads the inputs' chunks ahead, in merge order, into a pool of
+                    pinned host buffers
+    host thread:    takes each chunk and queues its upload on the copy stream into slot k%2's
+                    device buffer for that input; gives the buffer back to the pool once its
+                    upload has left (at most IN_FLIGHT uploads outstanding)
+    compute stream: waits for the slot's uploads, runs the kernel, copies the results back to the
+                    slot's pinned output buffers
+    writer thread:  a WriteBehind writes job k-1's results (one per form) while job k computes
 
-so the disk, PCIe and the kernel work at once. Events order the reuse: a slot's device inputs
-are refilled only after the kernel two jobs back has read them, a staging buffer only after its
-copy has left. "copy" jobs (integer tensors) never touch the GPU.
+Events order the reuse: a slot's device inputs are refilled only after the kernel two jobs back
+has read them, a slot's pinned outputs only after their previous write has finished, a result is
+written only after it has arrived. "copy" jobs (integer tensors) never touch the GPU: their
+chunks go straight to the writer, which hands the buffer back to the pool. A reader's or a
+writer's error is raised on the host thread; both threads have stopped when `run` returns.
 
 On a CPU device the same code runs with synchronous stand-ins for streams and events and plain
 buffers; with TRITON_INTERPRET=1 the kernel is interpreted, which lets CI test this pipeline.
@@ -19,6 +25,7 @@ buffers; with TRITON_INTERPRET=1 the kernel is interpreted, which lets CI test t
 
 from __future__ import annotations
 
+from collections import deque
 from contextlib import nullcontext
 from dataclasses import dataclass
 
@@ -33,8 +40,11 @@ from taskvec.kernels.combine import (
     pointer_table,
 )
 from taskvec.kernels.reference import linear_reference, sum_reference
+from taskvec.stream.jobs import Prefetcher, WriteBehind
 
 SLOTS = 2  # double buffering: one job computing while the next one loads
+IN_FLIGHT = 2  # pinned input buffers whose uploads may be queued at once
+READ_AHEAD = 2  # more pinned input buffers, for the reader to fill meanwhile
 
 
 class _DoneEvent:
@@ -83,14 +93,6 @@ class _Streams:
 
 
 @dataclass
-class _Staging:
-    """A pinned host buffer that the reader fills; `free` fires when its upload has left."""
-
-    host: torch.Tensor
-    free: object
-
-
-@dataclass
 class _Slot:
     """Device buffers for one job in flight and the pinned buffer its result comes back to."""
 
@@ -102,6 +104,7 @@ class _Slot:
     loaded: object  # inputs uploaded
     consumed: object  # kernel done with the inputs
     returned: object  # result back in host_out
+    key: object  # the slot's name for the WriteBehind
 
 
 class CudaExecutor:
@@ -115,41 +118,49 @@ class CudaExecutor:
     def run(self, plan, forms, reader, writers, progress) -> None:
         combine_jobs = [job for job in plan.jobs if job.kind == "combine"]
         copy_jobs = [job for job in plan.jobs if job.kind != "combine"]
-        if copy_jobs:
-            buffer = torch.empty(max(job.nbytes_in for job in copy_jobs), dtype=torch.uint8)
-            for job in copy_jobs:
-                reader.read_job(job, 0, buffer)
-                for writer in writers:
-                    writer.write_job(job, buffer[:job.nbytes_in])
-                progress.update(job.nbytes_in)
-        if combine_jobs:
-            streams = _Streams(self.device)
-            try:
-                self._combine(plan, forms, combine_jobs, streams, reader, writers, progress)
-            finally:
-                streams.synchronize()  # no copy may still target buffers that are being freed
+        if not plan.jobs:
+            return
+        streams = _Streams(self.device)
+        reads = [(job, 0) for job in copy_jobs] + [(job, i) for job in combine_jobs for i in range(plan.n_inputs)]
+        chunks = Prefetcher(reader, reads, max(job.nbytes_in for job in plan.jobs), buffers=IN_FLIGHT + READ_AHEAD,
+                            pin=streams.cuda)
+        try:
+            with WriteBehind(writers) as writes:
+                for job in copy_jobs:  # straight to the writer, which hands the buffer back
+                    raw = chunks.take()
+                    writes.submit(job, [raw[:job.nbytes_in]] * len(writers),
+                                  release=lambda raw=raw: chunks.give_back(raw))
+                    progress.update(job.nbytes_in)
+                if combine_jobs:
+                    self._combine(plan, forms, combine_jobs, streams, chunks, writes, progress)
+        finally:
+            streams.synchronize()  # no copy may still use buffers that are being freed
+            chunks.close()
 
-    def _combine(self, plan, forms, jobs, streams, reader, writers, progress) -> None:
+    def _combine(self, plan, forms, jobs, streams, chunks, writes, progress) -> None:
         in_bytes = max(job.nbytes_in for job in jobs)
         out_bytes = max(job.nbytes_out for job in jobs)
-        staging = [_Staging(streams.host_buffer(in_bytes), streams.event()) for _ in range(2)]
         slots = [self._slot(plan.n_inputs, forms, in_bytes, out_bytes, streams) for _ in range(SLOTS)]
         streams.follow_current()
+        uploading: deque = deque()  # (pinned buffer, event): uploads that may still read the buffer
         pending = None
-        uploads = 0
         for k, job in enumerate(jobs):
             slot = slots[k % SLOTS]
             streams.wait(streams.copy, slot.consumed)
             for index in range(plan.n_inputs):
-                stage = staging[uploads % len(staging)]
-                uploads += 1
-                stage.free.synchronize()
-                reader.read_job(job, index, stage.host)
+                raw = chunks.take()
                 with streams.on(streams.copy):
-                    slot.inputs[index][:job.nbytes_in].copy_(stage.host[:job.nbytes_in], non_blocking=True)
-                    stage.free.record(streams.copy)
+                    slot.inputs[index][:job.nbytes_in].copy_(raw[:job.nbytes_in], non_blocking=True)
+                    uploaded = streams.event()
+                    uploaded.record(streams.copy)
+                uploading.append((raw, uploaded))
+                while len(uploading) >= IN_FLIGHT:  # the oldest upload's buffer back to the reader
+                    done, event = uploading.popleft()
+                    event.synchronize()
+                    chunks.give_back(done)
             slot.loaded.record(streams.copy)
             streams.wait(streams.compute, slot.loaded)
+            writes.wait(slot.key)  # the slot's pinned outputs are written out
             with streams.on(streams.compute):
                 _compute(forms, job, slot)
                 slot.consumed.record(streams.compute)
@@ -157,10 +168,9 @@ class CudaExecutor:
                     host_out[:job.nbytes_out].copy_(out[:job.nbytes_out], non_blocking=True)
                 slot.returned.record(streams.compute)
             if pending is not None:
-                _finish(plan, *pending, writers, progress)
+                _finish(plan, *pending, writes, progress)
             pending = (job, slot)
-        if pending is not None:
-            _finish(plan, *pending, writers, progress)
+        _finish(plan, *pending, writes, progress)
 
     def _slot(self, n_inputs, forms, in_bytes, out_bytes, streams) -> _Slot:
         inputs = [torch.empty(in_bytes, dtype=torch.uint8, device=self.device) for _ in range(n_inputs)]
@@ -169,7 +179,7 @@ class CudaExecutor:
             coefficients = coefficient_table([(f.base_coef, f.sum_coef) for f in forms], self.device)
         return _Slot(inputs, [torch.empty(out_bytes, dtype=torch.uint8, device=self.device) for _ in forms],
                      [streams.host_buffer(out_bytes) for _ in forms], table, coefficients,
-                     streams.event(), streams.event(), streams.event())
+                     streams.event(), streams.event(), streams.event(), object())
 
 
 def _compute(forms, job, slot: _Slot) -> None:
@@ -193,8 +203,8 @@ def _compute(forms, job, slot: _Slot) -> None:
                          work=None if k == len(forms) - 1 else work)
 
 
-def _finish(plan, job, slot: _Slot, writers, progress) -> None:
+def _finish(plan, job, slot: _Slot, writes: WriteBehind, progress) -> None:
+    """Hand a job's results, once they are back in the slot's pinned buffers, to the writer thread."""
     slot.returned.synchronize()
-    for writer, host_out in zip(writers, slot.host_outs, strict=True):
-        writer.write_job(job, host_out[:job.nbytes_out])
+    writes.submit(job, [host_out[:job.nbytes_out] for host_out in slot.host_outs], slot=slot.key)
     progress.update(job.nbytes_in * plan.n_inputs)

@@ -1,13 +1,15 @@
 """Job I/O shared by the executors: reading an input's chunks, prefetching them, writing results.
 
 os.preadv and os.pwrite release the GIL, so a reader thread fills the next chunks while the
-arithmetic runs and a writer thread writes the previous result.
+arithmetic runs (Prefetcher) and a writer thread writes the previous result (WriteBehind).
 """
 
 from __future__ import annotations
 
 import queue
 import threading
+from collections.abc import Callable, Hashable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 
 import torch
 
@@ -136,3 +138,70 @@ class Prefetcher:
         self._stopped = True
         self._free.put(None)  # wakes the reader if it waits for a buffer
         self._thread.join()
+
+
+class WriteBehind:
+    """Hands jobs' results to the writers on one background thread, so disk writes overlap the
+    next jobs' reads and arithmetic; any executor can use it.
+
+    A result's buffers belong to its write until it is done: `submit(..., slot=s)` first waits for
+    slot s's previous write, and the caller calls `wait(s)` before refilling s's buffers; or
+    `release` (called on the writer thread once the write is done) hands them back instead. A
+    write's error is raised in the caller's thread, by the next wait on its slot, a later submit
+    or `finish()`. As a context manager: leaving normally waits for every write (raising the first
+    error); leaving by an exception lets pending writes end without raising (the first error
+    wins). Either way the thread has stopped when the `with` block is left.
+    """
+
+    def __init__(self, writers: Sequence[JobWriter]) -> None:
+        self._writers = list(writers)
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="taskvec-write")
+        self._slots: dict[Hashable, Future] = {}
+        self._released: list[Future] = []
+
+    def submit(self, job: Job, results: Sequence[torch.Tensor], *, slot: Hashable | None = None,
+               release: Callable[[], None] | None = None) -> None:
+        """Write results[k] with writers[k], after the slot's previous write."""
+        if slot is not None:
+            self.wait(slot)
+        while self._released and self._released[0].done():
+            self._released.pop(0).result()
+        future = self._pool.submit(self._write, job, list(results), release)
+        if slot is None:
+            self._released.append(future)
+        else:
+            self._slots[slot] = future
+
+    def _write(self, job: Job, results: list[torch.Tensor], release) -> None:
+        try:
+            for writer, result in zip(self._writers, results, strict=True):
+                writer.write_job(job, result)
+        finally:
+            if release is not None:
+                release()
+
+    def wait(self, slot: Hashable) -> None:
+        """Until the slot's last write has finished (its buffers are free again); raises its error."""
+        future = self._slots.pop(slot, None)
+        if future is not None:
+            future.result()
+
+    def finish(self) -> None:
+        for slot in list(self._slots):
+            self.wait(slot)
+        while self._released:
+            self._released.pop(0).result()
+
+    def __enter__(self) -> WriteBehind:
+        return self
+
+    def __exit__(self, kind, error, traceback) -> None:
+        try:
+            if kind is None:
+                self.finish()
+        finally:
+            for future in [*self._slots.values(), *self._released]:
+                future.exception()  # let it end; another error is already on its way
+            self._slots.clear()
+            self._released.clear()
+            self._pool.shutdown(wait=True)

@@ -5,6 +5,8 @@ synchronous stand-ins for streams, so CI exercises everything but the asynchrony
 GPU the same tests run `CudaExecutor("cuda")` with its streams and pinned buffers.
 """
 
+import re
+
 import pytest
 import torch
 from safetensors.torch import save_file
@@ -194,3 +196,120 @@ def test_many_scales_on_the_pipeline_equal_the_cpu_merge(device, mixed_checkpoin
                 torch.testing.assert_close(on_gpu[name], on_cpu[name], rtol=1e-13, atol=1e-13)
             else:
                 assert torch.equal(on_gpu[name], on_cpu[name]), (gpu_dir.name, name)
+
+
+# ---- the shared job I/O on the pipeline: reader thread, write-behind thread ------------------
+
+def copies(paths, root):
+    """Private copies of the checkpoints, which a test may damage."""
+    import shutil
+
+    return [shutil.copytree(p, root / p.name) for p in paths]
+
+
+def taskvec_threads():
+    import threading
+
+    return [t.name for t in threading.enumerate() if t.name.startswith("taskvec")]
+
+
+def test_reads_and_writes_overlap_on_their_threads_without_changing_bytes(device, mixed_checkpoints, tmp_path,
+                                                                          monkeypatch):
+    """Reads run on the Prefetcher's thread and ahead of a slow write (job 2's inputs are read
+    while job 0's results are still being written), writes on the WriteBehind's thread, and the
+    bytes are the CPU merge's however the two threads' timing falls (jittered here)."""
+    import random
+    import threading
+    import time
+
+    from taskvec.stream.jobs import JobReader, JobWriter
+
+    base_path, *ft_paths = mixed_checkpoints
+    scales = [0.5, -1.5]
+    cpu = merge.merge_checkpoints(ft_paths, tmp_path / "cpu", base=base_path, scale=scales, device="cpu",
+                                  chunk_size=1024, progress=False)
+    log, lock, jitter = [], threading.Lock(), random.Random(0)
+    read_job, write_job = JobReader.read_job, JobWriter.write_job
+
+    def read(self, job, index, buffer):
+        with lock:
+            log.append(("read", id(job), threading.current_thread().name))
+        time.sleep(jitter.random() * 1e-3)
+        read_job(self, job, index, buffer)
+
+    def write(self, job, buffer):
+        time.sleep(0.05 if not any(e[0] == "wrote" for e in log) else jitter.random() * 1e-3)
+        write_job(self, job, buffer)
+        with lock:
+            log.append(("wrote", id(job), threading.current_thread().name))
+
+    monkeypatch.setattr(JobReader, "read_job", read)
+    monkeypatch.setattr(JobWriter, "write_job", write)
+    monkeypatch.setattr(merge, "make_executor", lambda _: CudaExecutor(device))
+    gpu = merge.merge_checkpoints(ft_paths, tmp_path / "gpu", base=base_path, scale=scales, chunk_size=1024,
+                                  progress=False)
+    assert {name for kind, _, name in log if kind == "read"} == {"taskvec-read"}
+    assert {name.rsplit("_", 1)[0] for kind, _, name in log if kind == "wrote"} == {"taskvec-write"}
+    reads = list(dict.fromkeys(job for kind, job, _ in log if kind == "read"))  # jobs in read order
+    combine = [job for job in reads if sum(1 for e in log if e[:2] == ("read", job)) == N + 1]
+    first_write = next(i for i, e in enumerate(log) if e[0] == "wrote" and e[1] == combine[0])
+    assert log.index(("read", combine[2], "taskvec-read")) < first_write
+    assert not taskvec_threads()
+    for gpu_dir, cpu_dir in zip(gpu.outputs, cpu.outputs, strict=True):
+        on_gpu, on_cpu = load_dir(gpu_dir), load_dir(cpu_dir)
+        for name, (_, dtype) in SHAPES.items():
+            if dtype == torch.float64:  # torch in float64 on the device
+                torch.testing.assert_close(on_gpu[name], on_cpu[name], rtol=1e-13, atol=1e-13)
+            else:
+                assert torch.equal(on_gpu[name], on_cpu[name]), (gpu_dir.name, name)
+
+
+@pytest.mark.parametrize("fault", ["reader", "writer"])
+def test_a_reader_or_writer_error_is_the_cpu_paths_one_line_error(device, mixed_checkpoints, tmp_path, monkeypatch,
+                                                                  fault):
+    """An input that shrinks under the merge (the reader thread's error) or a full disk (the
+    writer thread's): the CUDA pipeline raises the CPU merge's one-line TaskvecError, leaves no
+    output and no thread running."""
+    import errno
+    import os
+
+    from taskvec.errors import TaskvecError
+    from taskvec.io.safetensors_file import FileReader
+    from taskvec.io.shards import ShardWriter
+
+    messages = {}
+    for executor in ("cpu", "cuda-pipeline"):
+        base_path, *ft_paths = copies(mixed_checkpoints, tmp_path / executor)
+        if fault == "reader":
+            read_into, victim = FileReader.read_into, ft_paths[1] / "model.safetensors"
+
+            def shrink(self, path, offset, buffer, read_into=read_into, victim=victim):
+                if path == victim and os.path.getsize(victim) > 2000:
+                    os.truncate(victim, 2000)  # inside a.weight's data, after the first chunks
+                read_into(self, path, offset, buffer)
+
+            monkeypatch.setattr(FileReader, "read_into", shrink)
+        else:
+            write, calls = ShardWriter.write, []
+
+            def fail_fifth(self, name, start, data, write=write, calls=calls):
+                calls.append(name)
+                if len(calls) == 5:
+                    raise OSError(errno.ENOSPC, "No space left on device", str(self.directory))
+                write(self, name, start, data)
+
+            monkeypatch.setattr(ShardWriter, "write", fail_fifth)
+        if executor != "cpu":
+            monkeypatch.setattr(merge, "make_executor", lambda _: CudaExecutor(device))
+        out = tmp_path / executor / "out"
+        with pytest.raises(TaskvecError) as error:
+            merge.merge_checkpoints(ft_paths, out, base=base_path, scale=SCALE, chunk_size=1024, progress=False,
+                                    device="cpu" if executor == "cpu" else "auto")
+        monkeypatch.undo()
+        message = str(error.value).replace(str(tmp_path / executor), "ROOT")
+        messages[executor] = re.sub(r"partial-[0-9a-f]+", "partial-X", message)  # the staging directory
+        assert "\n" not in messages[executor]
+        assert not out.exists() and not [p for p in out.parent.iterdir() if p.name.startswith(".out.")]
+        assert not taskvec_threads(), executor
+    assert messages["cpu"] == messages["cuda-pipeline"]
+    assert ("unexpected end of file" if fault == "reader" else "No space left on device") in messages["cpu"]
