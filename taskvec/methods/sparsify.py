@@ -116,37 +116,48 @@ class MagnitudeThresholds:
 
     def update(self, pass_number: int, name: str, start: int, numel: int, index: int, tau: torch.Tensor) -> None:
         """Chunk tau (elements start.. of a tensor of `numel`) of fine-tune `index`."""
-        key = magnitude_key(tau)
         slot = (name, index)
         k = top_k_count(self.density, numel)
-        last = start + key.numel() == numel
+        last = start + tau.numel() == numel
         if pass_number == 0:
-            if key.numel() == numel:  # the whole tensor is here: select directly
+            if tau.numel() == numel:  # the whole tensor is here: select directly
+                key = magnitude_key(tau)
                 threshold = int(torch.kthvalue(key.cpu(), numel - k + 1).values)
                 above = int((key > threshold).sum())
                 self._set(slot, threshold, k - above, int((key == threshold).sum()))
                 return
-            self._add(slot, key >> 16)
+            hist = self._histogram(slot, tau.device)
+            if tau.device.type == "cpu":
+                from taskvec.methods.key_counts import count_high  # numba: only for a TIES merge
+
+                count_high(tau, hist)
+            else:
+                hist += torch.bincount(magnitude_key(tau) >> 16, minlength=BUCKETS)
             if last:
                 bucket, within = _from_top(self._hist.pop(slot), k)
                 self._bucket[slot] = (bucket, within)
         elif slot in self._bucket:
             bucket, within = self._bucket[slot]
-            self._add(slot, key[(key >> 16) == bucket] & 0xFFFF)
+            hist = self._histogram(slot, tau.device)
+            if tau.device.type == "cpu":
+                from taskvec.methods.key_counts import count_low
+
+                count_low(tau, bucket, hist)
+            else:
+                key = magnitude_key(tau)
+                hist += torch.bincount(key[(key >> 16) == bucket] & 0xFFFF, minlength=BUCKETS)
             if last:
                 hist = self._hist.pop(slot)
                 low, take = _from_top(hist, within)
                 del self._bucket[slot]
                 self._set(slot, (bucket << 16) | low, take, int(hist[low]))
 
-    def _add(self, slot, values: torch.Tensor) -> None:
+    def _histogram(self, slot, device: torch.device) -> torch.Tensor:
+        """The slot's 65536-bucket histogram (on a CPU counted by compiled loops, key_counts)."""
         hist = self._hist.get(slot)
         if hist is None:
-            hist = self._hist[slot] = torch.zeros(BUCKETS, dtype=torch.int64, device=values.device)
-        if values.numel() >= BUCKETS // 4:
-            hist += torch.bincount(values, minlength=BUCKETS)
-        elif values.numel():  # a small chunk: no 65536-bucket temporary
-            hist.index_put_((values.long(),), torch.ones_like(values, dtype=torch.int64), accumulate=True)
+            hist = self._hist[slot] = torch.zeros(BUCKETS, dtype=torch.int64, device=device)
+        return hist
 
     def _set(self, slot, threshold: int, take: int, equal: int) -> None:
         # All entries equal to T kept, or T == 0 (+0.0): zeros take part in neither the sign
