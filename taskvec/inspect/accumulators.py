@@ -199,9 +199,11 @@ class BaseSpread:
         self.n, self.mean, self.m2 = 0, 0.0, 0.0
 
     def add(self, base: torch.Tensor) -> None:
-        count = base.numel()
         mean = float(base.mean())
-        m2 = float(((base - mean) ** 2).sum())
+        self.add_moments(base.numel(), mean, float(((base - mean) ** 2).sum()))
+
+    def add_moments(self, count: int, mean: float, m2: float) -> None:
+        """A slice given by its size, mean and sum of squared deviations from that mean."""
         total = self.n + count
         delta = mean - self.mean
         self.mean += delta * count / total

@@ -196,6 +196,20 @@ def _accumulate(x, start, stop, block, n_finetuned, with_mean, power, thresholds
         _agreement(sign, m, n_finetuned, agree[block], all_agree, block)
 
 
+@numba.njit(nogil=True, cache=True)
+def base_moments(x, lo, hi):
+    """The mean of row 0 (the base) over lo..hi and its sum of squared deviations, in float64."""
+    total = 0.0
+    for j in range(lo, hi):
+        total += np.float64(x[0, j])
+    mean = total / (hi - lo)
+    m2 = 0.0
+    for j in range(lo, hi):
+        deviation = np.float64(x[0, j]) - mean
+        m2 += deviation * deviation
+    return mean, m2
+
+
 class FusedState:
     """Per-block accumulators of the tensor being read, and of the absolute histogram."""
 

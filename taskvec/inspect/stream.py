@@ -116,6 +116,8 @@ def _fused_pass(plan: MergePlan, jobs, chunks: Prefetcher, n_finetuned: int, row
 
 def _fused_jobs(plan: MergePlan, jobs, chunks: Prefetcher, state, rows: int, norm_binning: Binning,
                 progress) -> PassResult:
+    from taskvec.inspect import fused
+
     hist_norm = torch.zeros(rows, norm_binning.slots_count, dtype=torch.int64)
     tensors: dict[str, Totals] = {}
     base_std: dict[str, float] = {}
@@ -137,7 +139,7 @@ def _fused_jobs(plan: MergePlan, jobs, chunks: Prefetcher, state, rows: int, nor
         for segment in job.segments:
             end = position + segment.numel
             state.add(values, position, end)
-            spread.add(x[0, position:end].double())
+            spread.add_moments(segment.numel, *fused.base_moments(values, position, end))
             if segment.start + segment.numel == segment.sources[0].numel:
                 base_std[segment.name] = spread.std
                 tensors[segment.name] = state.finish(segment.sources[0].numel, spread.std, norm_binning, hist_norm)
