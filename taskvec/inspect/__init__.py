@@ -1,12 +1,13 @@
 """Statistics of task vectors, streamed: the paper's "decoupling" evidence for any set of models.
 
 `inspect_checkpoints` reads a base, N fine-tunes and any merged models once, chunk by chunk,
-through the merge's own planning and readers (taskvec.merge: canonical names, dtype casts,
+through the merge's own planning and readers (taskvec.stream: canonical names, dtype casts,
 LoRA adapters, its one-line errors), and measures tau_i = ft_i - base, their mean and M - base:
 norms, extremes, near-zero shares on absolute and per-tensor relative scales, histograms of
 |tau| on both scales, and cosines and sign agreement across vectors (docs/inspect.md).
 
-    accumulators  float64 sums, exact counts, the per-tensor relative grid
+    accumulators  float64 sums, exact counts, the per-tensor relative grid (torch: the reference, CUDA)
+    fused         the same statistics as compiled loops over cache-sized tiles (the CPU pass)
     stream        the pass over the plan's jobs
     summary       statistics from the sums, per tensor, group and overall
     groups        tensor groups by name
@@ -24,7 +25,7 @@ from taskvec.inspect.settings import Settings
 
 __all__ = ["DEFAULT_CHUNK_SIZE", "Settings", "inspect_checkpoints"]
 
-DEFAULT_CHUNK_SIZE = "4MiB"  # float32 bytes of all vectors' chunks together: temporaries are ~10x this
+DEFAULT_CHUNK_SIZE = "4MiB"  # float32 bytes of all vectors' chunks together (the torch path's temporaries: ~10x)
 
 
 def inspect_checkpoints(
