@@ -1,6 +1,7 @@
 """Fixtures shared by the whole suite: small synthetic GPT-2 checkpoints, made once per session."""
 
 import os
+import shutil
 
 import pytest
 import torch
@@ -27,3 +28,12 @@ def synthetic_sets(tmp_path_factory):
         return cache[key]
 
     return get
+
+
+@pytest.fixture
+def workdir(synthetic_sets, tmp_path):
+    """A private copy of a tiny set (base + 2 fine-tunes) that a test may damage."""
+    sset = synthetic_sets("float32")
+    base = shutil.copytree(sset.base, tmp_path / "base")
+    fts = [shutil.copytree(p, tmp_path / f"ft{i}") for i, p in enumerate(sset.finetuned[:2])]
+    return base, fts

@@ -47,3 +47,19 @@ def assert_close_to_reference(actual, reference, bound, what=""):
         f"{what}: error {error.flatten()[worst].item():.3e} exceeds bound "
         f"{torch.as_tensor(bound).expand_as(error).flatten()[worst].item():.3e}"
     )
+
+
+def merge_refused(base, fts, out, match, **options) -> str:
+    """merge_checkpoints refuses with a one-line TaskvecError matching `match`, leaving neither the
+    output nor a staging directory; returns the message."""
+    import pytest
+
+    from taskvec.errors import TaskvecError
+    from taskvec.merge import merge_checkpoints
+
+    with pytest.raises(TaskvecError, match=match) as caught:
+        merge_checkpoints(fts, out, base=base, progress=False, **options)
+    message = str(caught.value)
+    assert "\n" not in message
+    assert not out.exists() and not [p for p in out.parent.iterdir() if p.name.startswith(f".{out.name}.")]
+    return message

@@ -11,26 +11,7 @@ from safetensors.torch import save_file
 from taskvec.errors import TaskvecError
 from taskvec.merge import merge_checkpoints
 
-from helpers import load_dir
-
-
-@pytest.fixture
-def workdir(synthetic_sets, tmp_path):
-    """A private copy of a tiny set (base + 2 fine-tunes) that a test may damage."""
-    sset = synthetic_sets("float32")
-    base = shutil.copytree(sset.base, tmp_path / "base")
-    fts = [shutil.copytree(p, tmp_path / f"ft{i}") for i, p in enumerate(sset.finetuned[:2])]
-    return base, fts
-
-
-def expect_error(base, fts, out, match, **kwargs):
-    with pytest.raises(TaskvecError, match=match) as info:
-        merge_checkpoints(fts, out, base=base, progress=False, **kwargs)
-    message = str(info.value)
-    assert "\n" not in message
-    leftovers = [p.name for p in out.parent.iterdir() if p.name.startswith(f".{out.name}.")]
-    assert not out.exists() and not leftovers
-    return message
+from helpers import load_dir, merge_refused
 
 
 def rewrite(path, change):
@@ -48,7 +29,7 @@ def rewrite(path, change):
 def test_shape_mismatch_names_file_and_tensor(workdir, tmp_path):
     base, fts = workdir
     file = rewrite(fts[1], lambda t: t.update({"transformer.h.0.ln_1.bias": torch.zeros(7)}))
-    message = expect_error(base, fts, tmp_path / "out", "shape")
+    message = merge_refused(base, fts, tmp_path / "out", "shape")
     assert str(file) in message and "transformer.h.0.ln_1.bias" in message
 
 
@@ -57,21 +38,21 @@ def test_integer_buffers_of_different_dtypes_are_refused(workdir, tmp_path):
     rewrite(base, lambda t: t.update({"transformer.h.0.attn.lengths": torch.arange(4)}))
     for ft in fts:
         rewrite(ft, lambda t: t.update({"transformer.h.0.attn.lengths": torch.arange(4, dtype=torch.int32)}))
-    message = expect_error(base, fts, tmp_path / "out", "dtype I32, but .* has I64")
+    message = merge_refused(base, fts, tmp_path / "out", "dtype I32, but .* has I64")
     assert "transformer.h.0.attn.lengths" in message
 
 
 def test_missing_tensor(workdir, tmp_path):
     base, fts = workdir
     rewrite(fts[0], lambda t: t.pop("transformer.h.1.mlp.c_fc.bias"))
-    message = expect_error(base, fts, tmp_path / "out", "missing")
+    message = merge_refused(base, fts, tmp_path / "out", "missing")
     assert "transformer.h.1.mlp.c_fc.bias" in message and str(fts[0]) in message
 
 
 def test_extra_tensor_is_left_out_or_refused_with_strict(workdir, tmp_path):
     base, fts = workdir
     rewrite(fts[1], lambda t: t.update({"v_head.summary.weight": torch.zeros(3)}))
-    message = expect_error(base, fts, tmp_path / "out", "ft1: holds 1 tensors the base does not have", strict=True)
+    message = merge_refused(base, fts, tmp_path / "out", "ft1: holds 1 tensors the base does not have", strict=True)
     assert "v_head.summary.weight" in message
     result = merge_checkpoints(fts, tmp_path / "out", base=base, progress=False)
     assert any("ft1: 1 tensors the base does not have left out (v_head.summary.weight)" in n for n in result.notes)
@@ -85,7 +66,7 @@ def test_truncated_file(workdir, tmp_path):
     file = fts[0] / "model.safetensors"
     data = file.read_bytes()
     file.write_bytes(data[: len(data) - 1000])
-    message = expect_error(base, fts, tmp_path / "out", "truncated")
+    message = merge_refused(base, fts, tmp_path / "out", "truncated")
     assert str(file) in message
 
 
@@ -98,7 +79,7 @@ def test_corrupt_header(workdir, tmp_path, damage, match):
     base, fts = workdir
     file = fts[1] / "model.safetensors"
     file.write_bytes(damage(file.read_bytes()))
-    expect_error(base, fts, tmp_path / "out", match)
+    merge_refused(base, fts, tmp_path / "out", match)
 
 
 def test_overlapping_offsets_are_corrupt(workdir, tmp_path):
@@ -114,13 +95,13 @@ def test_overlapping_offsets_are_corrupt(workdir, tmp_path):
     new = json.dumps(header).encode()
     new += b" " * (-len(new) % 8)
     file.write_bytes(struct.pack("<Q", len(new)) + new + raw[8 + length :])
-    expect_error(base, fts, tmp_path / "out", "overlaps|gap")
+    merge_refused(base, fts, tmp_path / "out", "overlaps|gap")
 
 
 def test_wrong_n(workdir, tmp_path):
     base, fts = workdir
-    expect_error(base, [], tmp_path / "out", "at least one fine-tuned")
-    expect_error(base, fts, tmp_path / "out", "exactly one", method="negate")
+    merge_refused(base, [], tmp_path / "out", "at least one fine-tuned")
+    merge_refused(base, fts, tmp_path / "out", "exactly one", method="negate")
     with pytest.raises(TaskvecError, match="at least two"):
         merge_checkpoints(fts[:1], tmp_path / "out", method="average", progress=False)
 
@@ -128,35 +109,35 @@ def test_wrong_n(workdir, tmp_path):
 @pytest.mark.parametrize("scale", [float("nan"), float("inf"), -float("inf"), 1e39, -3.5e38])
 def test_scale_must_be_finite(workdir, tmp_path, scale):
     base, fts = workdir
-    expect_error(base, fts, tmp_path / "out", "scale must be a finite float32 number", scale=scale)
+    merge_refused(base, fts, tmp_path / "out", "scale must be a finite float32 number", scale=scale)
 
 
 def test_same_checkpoint_twice(workdir, tmp_path):
     base, fts = workdir
-    expect_error(base, [fts[0], fts[0]], tmp_path / "out", "given twice")
+    merge_refused(base, [fts[0], fts[0]], tmp_path / "out", "given twice")
 
 
 def test_nonexistent_and_weightless_directories(workdir, tmp_path):
     base, fts = workdir
-    expect_error(base, [tmp_path / "nope"], tmp_path / "out", "no such file or directory")
+    merge_refused(base, [tmp_path / "nope"], tmp_path / "out", "no such file or directory")
     bin_only = tmp_path / "bin_only"
     bin_only.mkdir()
     torch.save({}, bin_only / "pytorch_model.bin")
-    expect_error(base, [bin_only], tmp_path / "out", "not a state dict of tensors")
+    merge_refused(base, [bin_only], tmp_path / "out", "not a state dict of tensors")
     (bin_only / "pytorch_model.bin").unlink()
-    expect_error(base, [bin_only], tmp_path / "out", "no weights")
+    merge_refused(base, [bin_only], tmp_path / "out", "no weights")
 
 
 def test_index_naming_a_missing_shard(synthetic_sets, tmp_path):
     sset = synthetic_sets("float32", sharded=True)
     ft = shutil.copytree(sset.finetuned[0], tmp_path / "ft")
     next(ft.glob("model-00002-*.safetensors")).unlink()
-    expect_error(sset.base, [ft], tmp_path / "out", "which is missing")
+    merge_refused(sset.base, [ft], tmp_path / "out", "which is missing")
 
 
 def test_output_inside_an_input_or_input_inside_output(workdir, tmp_path):
     base, fts = workdir
-    expect_error(base, fts, fts[0] / "out", "inside input")
+    merge_refused(base, fts, fts[0] / "out", "inside input")
     with pytest.raises(TaskvecError, match="inside output"):
         merge_checkpoints(fts, tmp_path, base=base, overwrite=True, progress=False)
 
@@ -179,7 +160,7 @@ def test_failure_midway_leaves_nothing(workdir, tmp_path, monkeypatch):
         raise TaskvecError("disk full")
 
     monkeypatch.setattr("taskvec.stream.cpu.CpuExecutor.run", explode)
-    expect_error(base, fts, tmp_path / "out", "disk full", device="cpu")
+    merge_refused(base, fts, tmp_path / "out", "disk full", device="cpu")
 
 
 def test_integer_buffers_are_copied_from_the_base(workdir, tmp_path):
@@ -208,7 +189,7 @@ def test_untied_lm_head_in_base_reads_the_tied_embedding_of_finetunes(workdir, t
 
 def test_unreachable_hub_id_is_a_clear_error(workdir, tmp_path):
     base, fts = workdir
-    message = expect_error("taskvec-tests/no-such-model", fts, tmp_path / "out", "Hugging Face hub")
+    message = merge_refused("taskvec-tests/no-such-model", fts, tmp_path / "out", "Hugging Face hub")
     assert message.startswith("taskvec-tests/no-such-model: no such directory")
 
 
@@ -262,7 +243,7 @@ def test_not_enough_free_space_is_refused_before_reading(workdir, tmp_path, monk
 
     base, fts = workdir
     monkeypatch.setattr(shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(10**9, 10**9 - 1000, 1000))
-    expect_error(base, fts, tmp_path / "out", r"merge writes 0\.\d+ GB, but only 0\.00 GB is free on the file system")
+    merge_refused(base, fts, tmp_path / "out", r"merge writes 0\.\d+ GB, but only 0\.00 GB is free on the file system")
 
 
 def test_input_files_linked_from_inside_the_output_are_protected(workdir, tmp_path):
@@ -296,4 +277,4 @@ def test_index_naming_a_shard_that_is_not_a_file_name(synthetic_sets, tmp_path, 
     first = next(iter(content["weight_map"]))
     content["weight_map"][first] = shard
     index.write_text(json.dumps(content))
-    expect_error(base, sset.finetuned[:2], tmp_path / "out", "not a file name in its directory")
+    merge_refused(base, sset.finetuned[:2], tmp_path / "out", "not a file name in its directory")

@@ -10,24 +10,9 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from taskvec.errors import TaskvecError
 from taskvec.merge import merge_checkpoints
 
-
-@pytest.fixture
-def workdir(synthetic_sets, tmp_path):
-    sset = synthetic_sets("float32")
-    base = shutil.copytree(sset.base, tmp_path / "base")
-    fts = [shutil.copytree(p, tmp_path / f"ft{i}") for i, p in enumerate(sset.finetuned[:2])]
-    return base, fts
-
-
-def refused(base, fts, out, match, **options):
-    with pytest.raises(TaskvecError, match=match) as caught:
-        merge_checkpoints(fts, out, base=base, progress=False, **options)
-    assert "\n" not in str(caught.value)
-    assert not out.exists() and not [p for p in out.parent.iterdir() if p.name.startswith(f".{out.name}.")]
-    return str(caught.value)
+from helpers import merge_refused
 
 
 def test_a_side_file_linking_outside_the_model_is_not_published(workdir, tmp_path):
@@ -68,7 +53,7 @@ def test_a_tensor_a_shard_holds_but_the_index_omits_is_refused(sharded, tmp_path
     dropped = next(n for n, s in content["weight_map"].items() if shards.count(s) > 1)
     del content["weight_map"][dropped]
     index.write_text(json.dumps(content))
-    message = refused(base, [ft], tmp_path / "out", "does not list")
+    message = merge_refused(base, [ft], tmp_path / "out", "does not list")
     assert dropped in message
 
 
@@ -78,7 +63,7 @@ def test_a_shard_the_index_does_not_name_is_refused(sharded, tmp_path):
     alone = next(s for s in content["weight_map"].values() if list(content["weight_map"].values()).count(s) == 1)
     content["weight_map"] = {n: s for n, s in content["weight_map"].items() if s != alone}
     index.write_text(json.dumps(content))
-    refused(base, [ft], tmp_path / "out", f"{alone}: a shard that model.safetensors.index.json does not name")
+    merge_refused(base, [ft], tmp_path / "out", f"{alone}: a shard that model.safetensors.index.json does not name")
 
 
 def test_a_tensor_listed_twice_in_the_index_is_refused(sharded, tmp_path):
@@ -88,7 +73,7 @@ def test_a_tensor_listed_twice_in_the_index_is_refused(sharded, tmp_path):
     other = next(s for s in content["weight_map"].values() if s != shard)
     text = json.dumps(content)
     index.write_text(text[:-2] + f', "{name}": "{other}"' + text[-2:])
-    refused(base, [ft], tmp_path / "out", f"key '{name}' appears twice")
+    merge_refused(base, [ft], tmp_path / "out", f"key '{name}' appears twice")
 
 
 def test_a_tensor_the_index_assigns_to_another_shard_is_refused(sharded, tmp_path):
@@ -99,7 +84,7 @@ def test_a_tensor_the_index_assigns_to_another_shard_is_refused(sharded, tmp_pat
     tensors = load_file(ft / shards[1])
     tensors[first] = load_file(ft / shards[0])[first]  # a stray copy in the second shard
     save_file(tensors, ft / shards[1])
-    refused(base, [ft], tmp_path / "out", f"holds tensor '{first}', which .* assigns to {shards[0]}")
+    merge_refused(base, [ft], tmp_path / "out", f"holds tensor '{first}', which .* assigns to {shards[0]}")
 
 
 def test_free_space_counts_headers_and_side_files(workdir, tmp_path, monkeypatch):
@@ -109,7 +94,7 @@ def test_free_space_counts_headers_and_side_files(workdir, tmp_path, monkeypatch
     tensor_bytes = os.path.getsize(base / "model.safetensors")
     usage = shutil.disk_usage(tmp_path)
     monkeypatch.setattr(shutil, "disk_usage", lambda path: usage._replace(free=tensor_bytes + 1000))
-    refused(base, fts, tmp_path / "out", f"only 0.00 GB is free on the file system of {tmp_path}")
+    merge_refused(base, fts, tmp_path / "out", f"only 0.00 GB is free on the file system of {tmp_path}")
 
 
 def test_a_full_disk_while_copying_side_files_names_the_output(workdir, tmp_path, monkeypatch):
@@ -120,7 +105,7 @@ def test_a_full_disk_while_copying_side_files_names_the_output(workdir, tmp_path
 
     monkeypatch.setattr(shutil, "copyfile", full)
     (base / "tokenizer.json").write_text("{}")
-    message = refused(base, fts, tmp_path / "out", f"output {tmp_path / 'out'}: No space left on device")
+    message = merge_refused(base, fts, tmp_path / "out", f"output {tmp_path / 'out'}: No space left on device")
     assert str(base) not in message
 
 
@@ -131,7 +116,7 @@ def test_inputs_are_unchanged_by_every_refusal(workdir, tmp_path):
     tensors["transformer.wte.weight"] = torch.zeros(3, 3)
     save_file(tensors, fts[0] / "model.safetensors")
     before[fts[0] / "model.safetensors"] = (fts[0] / "model.safetensors").read_bytes()
-    refused(base, fts, tmp_path / "out", "has shape")
+    merge_refused(base, fts, tmp_path / "out", "has shape")
     assert {p: p.read_bytes() for d in (base, *fts) for p in d.iterdir()} == before
 
 
@@ -143,7 +128,7 @@ def test_nan_in_an_input_is_reported_and_refused_with_strict(workdir, tmp_path):
     save_file(tensors, fts[1] / "model.safetensors")
     result = merge_checkpoints(fts, tmp_path / "out", base=base, chunk_size=64, progress=False)
     assert "tensor 'transformer.h.0.ln_1.bias': 2 NaN/inf values in the output (ft1 holds 2)" in result.notes
-    message = refused(base, fts, tmp_path / "strict", "ln_1.bias': 2 NaN/inf .*refused by --strict", strict=True)
+    message = merge_refused(base, fts, tmp_path / "strict", "ln_1.bias': 2 NaN/inf .*refused by --strict", strict=True)
     assert "ft1 holds 2" in message
 
 
