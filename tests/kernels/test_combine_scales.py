@@ -2,16 +2,13 @@
 kernel's bit for bit, which equals the torch path's (test_combine_kernel); it compiles for an
 H100 with vectorised loads and stores."""
 
-import json
-import os
-import re
-import subprocess
-import sys
 
 import pytest
 import torch
 
 pytest.importorskip("triton")
+
+from ptx_tools import run_ptx  # noqa: E402
 
 from taskvec.errors import TaskvecError  # noqa: E402
 from taskvec.kernels.combine import combine_triton, combine_triton_scales  # noqa: E402
@@ -56,55 +53,28 @@ def test_bad_output_lists_are_refused(device):
         combine_triton_scales(base, fts, [(1, 0)], [fts[1]])
 
 
-SCRIPT = r"""
-import json, re, sys
-import triton
-import triton.language as tl
-from triton._C.libtriton import ir
-from triton.backends.compiler import GPUTarget
-from triton.compiler.compiler import make_backend
-from taskvec.kernels import combine
+BODY = """
+    from taskvec.kernels import combine
 
-TL = {"fp32": tl.float32, "bf16": tl.bfloat16, "fp16": tl.float16}
+    TL = {"fp32": tl.float32, "bf16": tl.bfloat16, "fp16": tl.float16}
 
-def ptx(in_ty, out_ty, block, warps, aligned):
-    target = GPUTarget("cuda", 90, 32)
-    signature = {"base_ptr": "*" + in_ty, "table_ptr": "*i64", "outs_ptr": "*i64", "coefs_ptr": "*fp32",
-                 "n_ft": "i32", "n_out": "i32", "numel": "i32",
-                 "OUT_DTYPE": "constexpr", "BLOCK": "constexpr", "ALIGNED": "constexpr"}
-    source = triton.compiler.ASTSource(combine._combine_scales_kernel, signature,
-                                       constexprs={"OUT_DTYPE": TL[out_ty], "BLOCK": block, "ALIGNED": aligned},
-                                       attrs={(0,): [["tt.divisibility", 16]]})
-    backend = make_backend(target)
-    options = backend.parse_options({"num_warps": warps})
-    stages = {}
-    backend.add_stages(stages, options, source.language)
-    context = ir.context()
-    ir.load_dialects(context)
-    backend.load_dialects(context)
-    module = source.make_ir(target, options, backend.get_codegen_implementation(options),
-                            backend.get_module_map(), context)
-    metadata = {"hash": "0", "target": target, **options.__dict__}
-    for stage in ("ttir", "ttgir", "llir", "ptx"):
-        module = stages[stage](module, metadata)
-    return module
+    def vector_accesses(in_ty, out_ty, block, warps, aligned):
+        signature = {"base_ptr": "*" + in_ty, "table_ptr": "*i64", "outs_ptr": "*i64", "coefs_ptr": "*fp32",
+                     "n_ft": "i32", "n_out": "i32", "numel": "i32",
+                     "OUT_DTYPE": "constexpr", "BLOCK": "constexpr", "ALIGNED": "constexpr"}
+        code = ptx(combine._combine_scales_kernel, signature,
+                   {"OUT_DTYPE": TL[out_ty], "BLOCK": block, "ALIGNED": aligned},
+                   {(0,): [["tt.divisibility", 16]]}, {"num_warps": warps})
+        return [len(re.findall(r"ld\\.global\\.v4", code)), len(re.findall(r"st\\.global\\.v4", code))]
 
-cases = json.loads(sys.argv[1])
-print(json.dumps([[len(re.findall(r"ld\.global\.v4", code)), len(re.findall(r"st\.global\.v4", code))]
-                  for code in (ptx(*case) for case in cases)]))
+    print(json.dumps([vector_accesses(*case) for case in cases]))
 """
 
 
 @pytest.mark.parametrize("in_ty, out_ty", [("bf16", "bf16"), ("fp32", "fp32"), ("fp16", "bf16")])
 def test_ptx_for_sm90_vectorises_loads_and_stores(in_ty, out_ty):
     cases = [[in_ty, out_ty, 4096, 8, aligned] for aligned in (True, False)]
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env.update(TRITON_MOCK_PTX_VERSION="12.8", TRITON_DEFAULT_FP_FUSION="1")
-    result = subprocess.run([sys.executable, "-c", SCRIPT, json.dumps(cases)], capture_output=True, text=True,
-                            env=env, timeout=300)
-    if result.returncode and re.search(r"ImportError|AttributeError: module 'triton", result.stderr):
-        pytest.skip(f"this triton's compiler internals differ: {result.stderr.splitlines()[-1]}")
-    assert result.returncode == 0, result.stderr
-    (aligned_loads, aligned_stores), (unaligned_loads, unaligned_stores) = json.loads(result.stdout)
+    (aligned_loads, aligned_stores), (unaligned_loads, unaligned_stores) = run_ptx(BODY, cases,
+                                                                                  fp_fusion_default=True)
     assert unaligned_loads > 0 and aligned_loads == 2 * unaligned_loads  # the fine-tunes vectorised too
     assert aligned_stores > 0 and unaligned_stores == 0  # outputs reached through the table: hint needed

@@ -8,12 +8,7 @@ multiples of 1/8 (exact in every dtype, many exact ties in |tau|). On CPU the ke
 Triton's interpreter; with a GPU the same tests run it on `cuda`.
 """
 
-import json
-import os
 import re
-import subprocess
-import sys
-import textwrap
 import zlib
 from types import SimpleNamespace
 
@@ -23,6 +18,8 @@ import torch
 from helpers import TINY, UNIT_ROUNDOFF, assert_close_to_reference
 
 pytest.importorskip("triton")
+
+from ptx_tools import run_ptx  # noqa: E402
 
 from taskvec.errors import TaskvecError  # noqa: E402
 from taskvec.kernels import sparse_combine  # noqa: E402
@@ -374,42 +371,24 @@ def test_bad_arguments_are_one_line_errors(device):
         assert "\n" not in str(error.value)
 
 
-PTX = textwrap.dedent("""
-    import json, re, sys
-    import triton
-    import triton.language as tl
-    from triton._C.libtriton import ir
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler.compiler import make_backend
+BODY = """
     from taskvec.kernels import sparse_combine as sc
 
-    def ptx(in_ty, out_ty, sparsify, consensus, weighted, aligned, fusion):
-        target = GPUTarget("cuda", 90, 32)
+    def counts(in_ty, out_ty, sparsify, consensus, weighted, aligned, fusion):
         names = ["base_ptr", "table_ptr", "outs_ptr", "ints_ptr", "floats_ptr", "n_ft", "n_out", "numel",
                  "key_at", "threshold_at", "cutoff_at", "bounds_at"]
         types = ["*" + in_ty, "*i64", "*i64", "*i64", "*fp32"] + ["i32"] * 7
         constexprs = {"SPARSIFY": sparsify, "CONSENSUS": consensus, "WEIGHTED": weighted, "BLOCK": 1024,
                       "ALIGNED": aligned, "OUT_DTYPE": {"fp32": tl.float32, "bf16": tl.bfloat16}[out_ty]}
         signature = {**dict(zip(names, types)), **{k: "constexpr" for k in constexprs}}
-        source = triton.compiler.ASTSource(sc._sparse_combine_kernel, signature, constexprs=constexprs,
-                                           attrs={(i,): [["tt.divisibility", 16]] for i in range(5)})
-        backend = make_backend(target)
-        options = backend.parse_options({"num_warps": 4, "enable_fp_fusion": fusion})
-        stages = {}
-        backend.add_stages(stages, options, source.language)
-        context = ir.context()
-        ir.load_dialects(context)
-        backend.load_dialects(context)
-        module = source.make_ir(target, options, backend.get_codegen_implementation(options),
-                                backend.get_module_map(), context)
-        metadata = {"hash": "0", "target": target, **options.__dict__}
-        for stage in ("ttir", "ttgir", "llir", "ptx"):
-            module = stages[stage](module, metadata)
-        return module
+        code = ptx(sc._sparse_combine_kernel, signature, constexprs,
+                   {(i,): [["tt.divisibility", 16]] for i in range(5)},
+                   {"num_warps": 4, "enable_fp_fusion": fusion})
+        patterns = [r"\\bfma\\.", r"\\bdiv\\.(?!rn\\.f32)", r"div\\.rn\\.f32", r"\\.ftz", r"ld\\.global\\.v4"]
+        return [len(re.findall(p, code)) for p in patterns]
 
-    patterns = [r"\\bfma\\.", r"\\bdiv\\.(?!rn\\.f32)", r"div\\.rn\\.f32", r"\\.ftz", r"ld\\.global\\.v4"]
-    print(json.dumps([[len(re.findall(p, ptx(*case))) for p in patterns] for case in json.loads(sys.argv[1])]))
-""")
+    print(json.dumps([counts(*case) for case in cases]))
+"""
 
 
 def test_ptx_for_sm90_has_no_fused_multiply_add_and_exact_divisions():
@@ -419,14 +398,7 @@ def test_ptx_for_sm90_has_no_fused_multiply_add_and_exact_divisions():
     128-bit vectors (fp32, 8 elements per thread: two per load of the base and the fine-tunes)."""
     cases = [["fp32", "fp32", 2, 1, True, True, False], ["fp32", "fp32", 2, 1, True, False, False],
              ["bf16", "bf16", 1, 1, False, True, True]]
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env.update(TRITON_MOCK_PTX_VERSION="12.8")
-    result = subprocess.run([sys.executable, "-c", PTX, json.dumps(cases)], capture_output=True, text=True, env=env,
-                            timeout=300)
-    if result.returncode and re.search(r"ImportError|AttributeError: module 'triton", result.stderr):
-        pytest.skip(f"this triton's compiler internals differ: {result.stderr.splitlines()[-1]}")
-    assert result.returncode == 0, result.stderr
-    (fma, odd_div, div_rn, ftz, aligned), (fma2, odd2, _, ftz2, unaligned), (fused, *_) = json.loads(result.stdout)
+    (fma, odd_div, div_rn, ftz, aligned), (fma2, odd2, _, ftz2, unaligned), (fused, *_) = run_ptx(BODY, cases)
     assert fma == fma2 == odd_div == odd2 == ftz == ftz2 == 0
     assert div_rn > 0
     assert aligned == 3 * unaligned > 0  # base, the first fine-tune and the loop's, vs the base alone
