@@ -9,7 +9,10 @@ segment (each segment is one tensor's elements start..start+numel), and every fo
 is written from that one tau as base - scale * tau. On a GPU, a method that declares `fused()`
 (TIES, DARE, dare-ties) runs each job as one launch of the fused Triton kernel instead
 (kernels/sparse_combine.py: one pass, the torch path's bytes), for float32/16-bit jobs; float64
-jobs, and every job on the CPU, take the torch path. The plan's chunk shrinks with N
+jobs take the torch path. On the CPU the same methods run each job as one compiled numba loop
+(kernels/sparse_combine_cpu.py: the same pass, the torch path's bytes) for float32, float64 and
+16-bit jobs; `COMPILED = False` (or `TorchExecutor(compiled=False)`) keeps the torch path, the
+reference the tests hold both to. The plan's chunk shrinks with N
 (`working_chunk_bytes`) so that memory stays flat in N. Statistics passes read the inputs one
 chunk at a time (base + one fine-tune), so they hold three chunks.
 
@@ -21,6 +24,7 @@ about (4N + 6) chunks of the plan, which `working_chunk_bytes` keeps near 4 x --
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
@@ -28,6 +32,9 @@ from taskvec.kernels.reference import linear_reference
 from taskvec.methods import ChunkContext, CombineForm
 from taskvec.stream.jobs import JobReader, JobWriter, Prefetcher
 from taskvec.stream.plan import Job, MergePlan
+
+# The CPU path of a method's fused() combine: the compiled loop (True) or the torch reference.
+COMPILED = True
 
 
 def working_chunk_bytes(chunk_bytes: int, n_finetuned: int) -> int:
@@ -59,15 +66,21 @@ def acc_dtype(job: Job) -> torch.dtype:
 class TorchExecutor:
     """Runs non-linear methods (CombineForm) and weighted linear forms with torch on `device`; on a
     GPU (or with `kernel=True` under TRITON_INTERPRET=1) a method's `fused()` combine runs as the
-    fused Triton kernel instead (kernels/sparse_combine.py: the same bytes, one pass)."""
+    fused Triton kernel instead (kernels/sparse_combine.py: the same bytes, one pass), and on the
+    CPU as the compiled loop (kernels/sparse_combine_cpu.py) unless `compiled` is False (None:
+    the module's COMPILED when the merge runs)."""
 
-    def __init__(self, device: str | torch.device = "cpu", kernel: bool | None = None) -> None:
+    def __init__(self, device: str | torch.device = "cpu", kernel: bool | None = None,
+                 compiled: bool | None = None) -> None:
         self.device = torch.device(device)
         if kernel is None:
             from taskvec.kernels import triton_available
 
             kernel = self.device.type == "cuda" and triton_available()
         self.kernel = kernel
+        self.compiled = compiled
+        self._pool: ThreadPoolExecutor | None = None
+        self._scratch: list[torch.Tensor] = []
 
     def run(self, plan: MergePlan, forms: Sequence, reader: JobReader, writers: Sequence[JobWriter],
             progress) -> None:
@@ -89,6 +102,8 @@ class TorchExecutor:
                          for dtype in (torch.float32, torch.float64)} if weights else {}
         threads = torch.get_num_threads()
         torch.set_num_threads(max(1, threads - 1))  # a core for the reader thread
+        if nonlinear and self._use_compiled(forms) and torch.get_num_threads() > 1:
+            self._pool = ThreadPoolExecutor(torch.get_num_threads(), thread_name_prefix="taskvec-combine")
         try:
             for job in plan.jobs:
                 if job.kind == "copy":
@@ -111,6 +126,15 @@ class TorchExecutor:
         finally:
             chunks.close()
             torch.set_num_threads(threads)
+            if self._pool is not None:
+                self._pool.shutdown()
+                self._pool = None
+            self._scratch.clear()
+
+    def _use_compiled(self, forms) -> bool:
+        """Whether the CPU runs the method's fused() combine as the compiled loop."""
+        compiled = COMPILED if self.compiled is None else self.compiled
+        return compiled and self.device.type == "cpu" and forms[0].method.fused() is not None
 
     def _values(self, raw: torch.Tensor, job: Job, dtype: torch.dtype) -> torch.Tensor:
         """A job's chunk from its host buffer, on the device, in `dtype` (no copy where none is needed)."""
@@ -120,12 +144,17 @@ class TorchExecutor:
         return values if values.dtype == dtype else values.to(dtype)
 
     def _combine_job(self, plan, forms, job, raws, stats, weights, outs) -> list[torch.Tensor]:
-        fused = forms[0].method.fused() if self.kernel else None
-        if fused is not None:
+        fused = forms[0].method.fused()
+        if fused is not None and self.kernel:
             from taskvec.kernels.sparse_combine import KERNEL_DTYPES
 
             if job.in_dtype in KERNEL_DTYPES and job.out_dtype in KERNEL_DTYPES:
                 return self._kernel_job(plan, forms, job, raws, stats, fused, outs)
+        if fused is not None and self._use_compiled(forms):
+            from taskvec.kernels.sparse_combine_cpu import DTYPES
+
+            if job.in_dtype in DTYPES:
+                return self._compiled_job(plan, forms, job, raws, stats, fused, outs)
         dtype = acc_dtype(job)
         base = self._values(raws[0], job, dtype)
         finetuned = [raws[i][:job.nbytes_in].view(job.in_dtype) for i in range(1, plan.n_inputs)]
@@ -158,18 +187,7 @@ class TorchExecutor:
         if self.device.type != "cpu":
             inputs = [values.to(self.device) for values in inputs]
         base, finetuned = inputs[0], inputs[1:]
-        cutoffs = None
-        if fused.sparsify == "magnitude":
-            cutoffs, position = [], 0
-            for segment in job.segments:
-                span = slice(position, position + segment.numel)
-
-                def tau(i, span=span):  # only where ties at the threshold are split in this chunk
-                    return finetuned[i][span].to(torch.float32) - base[span].to(torch.float32)
-
-                cutoffs.append([stats.keep_rule(segment.name, i, segment.numel, lambda i=i: tau(i))
-                                for i in range(len(finetuned))])
-                position += segment.numel
+        cutoffs = _keep_rules(job, stats, base, finetuned) if fused.sparsify == "magnitude" else None
         targets = [out[:job.nbytes_out].view(job.out_dtype) for out in outs]
         if self.device.type != "cpu":
             targets = [torch.empty(job.numel, dtype=job.out_dtype, device=self.device) for _ in outs]
@@ -178,6 +196,34 @@ class TorchExecutor:
                               seed=fused.seed, weights=forms[0].weights, cutoffs=cutoffs)
         for out, target in zip(outs, targets, strict=True):
             if target.device.type != "cpu":
+                out[:job.nbytes_out].view(job.out_dtype).copy_(target)
+        return [out[:job.nbytes_out] for out in outs]
+
+    def _compiled_job(self, plan, forms, job, raws, stats, fused, outs) -> list[torch.Tensor]:
+        """The job's outputs from the compiled CPU loop: the bytes of the torch path above. An
+        output dtype other than the accumulation dtype is cast by torch's copy_, as above."""
+        from taskvec.kernels.sparse_combine_cpu import sparse_combine_cpu
+
+        dtype = acc_dtype(job)
+        inputs = [raw[:job.nbytes_in].view(job.in_dtype) for raw in raws[:plan.n_inputs]]
+        base, finetuned = inputs[0], inputs[1:]
+        cutoffs = _keep_rules(job, stats, base, finetuned) if fused.sparsify == "magnitude" else None
+        direct = job.out_dtype == dtype
+        if not direct:
+            while len(self._scratch) < len(outs):
+                self._scratch.append(torch.empty(0, dtype=torch.uint8))
+            for k in range(len(outs)):
+                if self._scratch[k].numel() < job.numel * dtype.itemsize:  # once per run: the largest job
+                    largest = max(j.numel for j in plan.jobs if j.kind == "combine")
+                    self._scratch[k] = torch.empty(largest * dtype.itemsize, dtype=torch.uint8)
+        targets = [out[:job.nbytes_out].view(dtype) if direct else self._scratch[k][:job.numel * dtype.itemsize]
+                   .view(dtype) for k, out in enumerate(outs)]
+        sparse_combine_cpu(base, finetuned, job.segments, [form.scale for form in forms], targets,
+                           sparsify=fused.sparsify, consensus=fused.consensus, density=fused.density,
+                           seed=fused.seed, weights=forms[0].weights, cutoffs=cutoffs,
+                           threads=torch.get_num_threads(), pool=self._pool)
+        if not direct:
+            for out, target in zip(outs, targets, strict=True):
                 out[:job.nbytes_out].view(job.out_dtype).copy_(target)
         return [out[:job.nbytes_out] for out in outs]
 
@@ -230,3 +276,20 @@ class TorchExecutor:
         read = {id(job) for job in wanted}
         progress.update(sum(job.nbytes_in for job in jobs if id(job) not in read) * plan.n_inputs)
 
+
+
+def _keep_rules(job: Job, stats, base: torch.Tensor, finetuned: Sequence[torch.Tensor]) -> list:
+    """TIES's keep rule of each (segment, input) of a job, as the fused loops take it: (T, cutoff)
+    from `MagnitudeThresholds.keep_rule`, called in the order the torch path calls `keep()`."""
+    dtype = acc_dtype(job)
+    cutoffs, position = [], 0
+    for segment in job.segments:
+        span = slice(position, position + segment.numel)
+
+        def tau(i, span=span):  # only where ties at the threshold are split in this chunk
+            return finetuned[i][span].to(dtype) - base[span].to(dtype)
+
+        cutoffs.append([stats.keep_rule(segment.name, i, segment.numel, lambda i=i: tau(i))
+                        for i in range(len(finetuned))])
+        position += segment.numel
+    return cutoffs
