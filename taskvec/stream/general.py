@@ -254,10 +254,14 @@ class TorchExecutor:
         wanted = [job for job in jobs if any(stats.wants(number, s.name) for s in job.segments)]
         reads = [(job, index) for job in wanted for index in range(plan.n_inputs)]
         chunks = Prefetcher(reader, reads, plan.buffer_bytes, buffers=3)
+        taus: dict[torch.dtype, torch.Tensor] = {}  # one buffer per dtype: no allocation per chunk
         try:
             for job in wanted:
                 base_raw = chunks.take()
                 base = self._values(base_raw, job, acc_dtype(job))
+                if base.dtype not in taus:
+                    taus[base.dtype] = torch.empty(plan.chunk_elems, dtype=base.dtype, device=self.device)
+                tau = taus[base.dtype]
                 for index in range(plan.n_inputs - 1):
                     raw = chunks.take()
                     values = self._values(raw, job, acc_dtype(job))
@@ -266,7 +270,7 @@ class TorchExecutor:
                         if stats.wants(number, segment.name):
                             span = slice(position, position + segment.numel)
                             stats.update(number, segment.name, segment.start, segment.sources[0].numel, index,
-                                         values[span] - base[span])
+                                         torch.sub(values[span], base[span], out=tau[span]))
                         position += segment.numel
                     chunks.give_back(raw)
                 chunks.give_back(base_raw)
