@@ -3,27 +3,25 @@
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
 
 import torch
 
 from taskvec.kernels.reference import linear_reference, sum_reference
 from taskvec.methods import LinearForm
 from taskvec.stream.general import weighted_sum
-from taskvec.stream.jobs import JobReader, JobWriter, Prefetcher
+from taskvec.stream.jobs import JobReader, JobWriter, Prefetcher, WriteBehind
 from taskvec.stream.plan import MergePlan
 
 
 class _Slot:
     """Output-side buffers of one job in flight (one per output form): reused once its writes
-    have finished. Memory grows with the number of forms K, never with N."""
+    have finished (WriteBehind's slot waits). Memory grows with the number of forms K, never N."""
 
     def __init__(self, chunk_elems: int, nbytes: int, forms: int) -> None:
         self.chunk_elems = chunk_elems
         self.outs = [torch.empty(nbytes, dtype=torch.uint8) for _ in range(forms)]
         self.accumulators: dict[torch.dtype, torch.Tensor] = {}
         self.works: dict[torch.dtype, torch.Tensor] = {}
-        self.pending: Future | None = None
 
     def accumulator(self, dtype: torch.dtype, numel: int) -> torch.Tensor:
         if dtype not in self.accumulators:
@@ -35,17 +33,6 @@ class _Slot:
         if dtype not in self.works:
             self.works[dtype] = torch.empty(self.chunk_elems, dtype=dtype)
         return self.works[dtype][:numel]
-
-    def wait(self) -> None:
-        if self.pending is not None:
-            pending, self.pending = self.pending, None
-            pending.result()
-
-    def cancel(self) -> None:
-        """Let an unwaited write finish, without raising: another error is already on its way."""
-        if self.pending is not None:
-            pending, self.pending = self.pending, None
-            pending.exception()
 
 
 class CpuExecutor:
@@ -67,20 +54,16 @@ class CpuExecutor:
         threads = torch.get_num_threads()
         torch.set_num_threads(max(1, threads - 1))  # a core for the reader and writer threads
         try:
-            with ThreadPoolExecutor(max_workers=1, thread_name_prefix="taskvec-write") as pool:
+            with WriteBehind(writers) as behind:
                 try:
                     for number, job in enumerate(plan.jobs):
                         slot = slots[number % 2]
-                        slot.wait()
+                        behind.wait(number % 2)  # the slot's buffers are free again
                         results = self._compute(plan, forms, job, chunks, slot, scratch)
-                        slot.pending = pool.submit(_write, writers, job, results)
+                        behind.submit(job, results, slot=number % 2)
                         progress.update(job.nbytes_in * (plan.n_inputs if job.kind == "combine" else 1))
-                    for slot in slots:
-                        slot.wait()
                 finally:
                     chunks.close()
-                    for slot in slots:  # no write may still use a buffer; the first error wins
-                        slot.cancel()
         finally:
             torch.set_num_threads(threads)
 
@@ -117,7 +100,3 @@ class CpuExecutor:
         chunks.give_back(base_raw)
         return results
 
-
-def _write(writers: Sequence[JobWriter], job, results: list[torch.Tensor]) -> None:
-    for writer, result in zip(writers, results, strict=True):
-        writer.write_job(job, result)
