@@ -30,7 +30,7 @@ import torch
 
 from taskvec.kernels.reference import linear_reference
 from taskvec.methods import ChunkContext, CombineForm
-from taskvec.stream.jobs import JobReader, JobWriter, Prefetcher
+from taskvec.stream.jobs import JobReader, JobWriter, Prefetcher, WriteBehind
 from taskvec.stream.plan import Job, MergePlan
 
 # The CPU path of a method's fused() combine: the compiled loop (True) or the torch reference.
@@ -97,7 +97,7 @@ class TorchExecutor:
                  for index in range(plan.n_inputs if job.kind == "combine" else 1)]
         chunks = Prefetcher(reader, reads, plan.buffer_bytes, buffers=plan.n_inputs + 2,
                             pin=self.device.type == "cuda")
-        outs = [torch.empty(plan.buffer_bytes, dtype=torch.uint8) for _ in forms]
+        slots = [[torch.empty(plan.buffer_bytes, dtype=torch.uint8) for _ in forms] for _ in range(2)]
         weight_tables = {dtype: torch.tensor(weights, dtype=dtype, device=self.device)
                          for dtype in (torch.float32, torch.float64)} if weights else {}
         threads = torch.get_num_threads()
@@ -105,24 +105,26 @@ class TorchExecutor:
         if nonlinear and self._use_compiled(forms) and torch.get_num_threads() > 1:
             self._pool = ThreadPoolExecutor(torch.get_num_threads(), thread_name_prefix="taskvec-combine")
         try:
-            for job in plan.jobs:
-                if job.kind == "copy":
-                    raw = chunks.take()
-                    for writer in writers:
-                        writer.write_job(job, raw[:job.nbytes_in])
-                    chunks.give_back(raw)
-                    progress.update(job.nbytes_in)
-                    continue
-                raws = [chunks.take() for _ in range(plan.n_inputs)]
-                if nonlinear:
-                    results = self._combine_job(plan, forms, job, raws, stats, weight_tables.get(acc_dtype(job)), outs)
-                else:
-                    results = self._linear_job(forms, job, raws, outs)
-                for raw in raws:
-                    chunks.give_back(raw)
-                for writer, result in zip(writers, results, strict=True):
-                    writer.write_job(job, result)
-                progress.update(job.nbytes_in * plan.n_inputs)
+            with WriteBehind(writers) as behind:
+                for number, job in enumerate(plan.jobs):
+                    if job.kind == "copy":  # the read buffer itself is written, then handed back
+                        raw = chunks.take()
+                        behind.submit(job, [raw[:job.nbytes_in]] * len(writers),
+                                      release=lambda raw=raw: chunks.give_back(raw))
+                        progress.update(job.nbytes_in)
+                        continue
+                    outs = slots[number % 2]
+                    behind.wait(number % 2)  # the slot's output buffers are free again
+                    raws = [chunks.take() for _ in range(plan.n_inputs)]
+                    if nonlinear:
+                        results = self._combine_job(plan, forms, job, raws, stats, weight_tables.get(acc_dtype(job)),
+                                                    outs)
+                    else:
+                        results = self._linear_job(forms, job, raws, outs)
+                    for raw in raws:
+                        chunks.give_back(raw)
+                    behind.submit(job, results, slot=number % 2)
+                    progress.update(job.nbytes_in * plan.n_inputs)
         finally:
             chunks.close()
             torch.set_num_threads(threads)
@@ -260,7 +262,8 @@ class TorchExecutor:
                 base_raw = chunks.take()
                 base = self._values(base_raw, job, acc_dtype(job))
                 if base.dtype not in taus:
-                    taus[base.dtype] = torch.empty(plan.chunk_elems, dtype=base.dtype, device=self.device)
+                    largest = max(j.numel for j in wanted)
+                    taus[base.dtype] = torch.empty(largest, dtype=base.dtype, device=self.device)
                 tau = taus[base.dtype]
                 for index in range(plan.n_inputs - 1):
                     raw = chunks.take()
