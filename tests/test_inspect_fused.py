@@ -18,7 +18,7 @@ from test_inspect import check_all, reference_vectors
 
 from taskvec.inspect import fused, inspect_checkpoints, stream
 from taskvec.inspect.accumulators import Binning
-from taskvec.inspect.fused import cell_slots
+from taskvec.inspect.fused import CellBins
 from taskvec.inspect.settings import Settings
 
 EDGES = np.linspace(0.0, 0.01, 501)
@@ -89,10 +89,12 @@ def both_engines(monkeypatch, *args, **kwargs) -> tuple[dict, dict]:
 
 
 @pytest.mark.parametrize("chunk_size", [100, 4096, "4MiB"])
-@pytest.mark.parametrize("log_bins", [False, True])
-def test_fused_equals_torch_on_edges_specials_and_subnormals(tmp_path, monkeypatch, chunk_size, log_bins):
+@pytest.mark.parametrize(("log_bins", "bins"), [(False, 500), (True, 37), (False, 1500)])
+def test_fused_equals_torch_on_edges_specials_and_subnormals(tmp_path, monkeypatch, chunk_size, log_bins, bins):
+    """Also with 1500 bins, where some grid cells hold two edges and their entries are binned
+    one by one."""
     base, finetuned = write_models(tmp_path, torch.float64, 3, exact=True)
-    settings = {"log_bins": log_bins, "range": 0.004 if log_bins else 0.01, "bins": 37 if log_bins else 500,
+    settings = {"log_bins": log_bins, "range": 0.004 if log_bins else 0.01, "bins": bins,
                 "log_decades": 3.0, "p": 3.0 if log_bins else 1.0, "thresholds": (1e-5, 1e-4, 3e-4, 1e-3)}
     ours, theirs = both_engines(monkeypatch, base, finetuned[:2], merged=finetuned[2:], chunk_size=chunk_size,
                                 **settings)
@@ -122,21 +124,26 @@ def test_fused_equals_torch_for_one_and_many_vectors(tmp_path, monkeypatch, n):
     assert len(ours["vectors"]) == n + (n >= 2)
 
 
-@pytest.mark.parametrize("log_bins", [False, True])
-def test_a_cells_slot_is_the_slot_of_every_value_in_it(log_bins):
-    """Where the table gives a cell one slot, numpy.histogram puts every value of the cell there:
-    checked on values at, and one step either side of, every edge, and on random values."""
-    settings = Settings(log_bins=log_bins, bins=61, range=0.003)
+@pytest.mark.parametrize(("log_bins", "bins"), [(False, 61), (True, 61), (False, 1500)])
+def test_a_cells_halves_hold_the_slots_of_its_values(log_bins, bins):
+    """Every value of a cell lies in its first slot below the split and in the next from it, as
+    numpy.histogram bins it, unless the cell is marked for binning entry by entry: checked on
+    values at, and one step either side of, every edge, and on random values; with 1500 bins
+    some cells hold two edges (marked), with 61 none does."""
+    settings = Settings(log_bins=log_bins, bins=bins, range=0.003)
     edges = settings.edges(settings.range)
-    table = cell_slots(edges)
+    binning = Binning(edges, log_bins, torch.device("cpu"))
+    cells = CellBins(binning)
     rng = np.random.default_rng(0)
     values = np.concatenate([edges, np.nextafter(edges, 0), np.nextafter(edges, 1), 10.0 ** rng.uniform(-9, 0, 20000),
                              [0.0, 5e-324, 2.2e-308, np.inf, np.nan]])
     keys = values.view(np.int64) >> 44
-    binning = Binning(edges, log_bins, torch.device("cpu"))
     expected = binning.slots(torch.from_numpy(values)).numpy()
-    whole = table[keys] >= 0
-    assert (table[keys][whole] == expected[whole]).all()
-    cut = {int(k) for k in (edges.view(np.int64) >> 44)}
-    assert all(table[k] == -1 for k in cut if not (edges[0] == 0 and k == 0))
-    assert whole.mean() > 0.5  # most values are binned by cell, not one by one
+    whole = ~cells.multi[keys]
+    slots = cells.first[keys] + (values >= cells.split[keys])
+    assert (slots[whole] == expected[whole]).all()
+    assert cells.multi.any() == (bins > 512)
+    split = np.isfinite(cells.split[keys])
+    upper = values >= cells.split[keys]
+    assert (split & upper).sum() > 100 and (split & ~upper).sum() > 100  # both halves of cut cells are reached
+    assert whole.all() if bins <= 512 else 0.5 < whole.mean() < 1  # most values are binned by cell

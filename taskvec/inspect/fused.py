@@ -32,6 +32,9 @@ import torch
 from taskvec.inspect.accumulators import _FIRST_NORMAL, _SHIFT, Binning, FineGrid, Totals, close_tensor
 
 KEYS = 1 << (63 - _SHIFT)  # every key of a float64 >= 0, NaN's included
+_MAGNITUDE = np.int64(0x7FFFFFFFFFFFFFFF)
+_NORMAL = np.int64(_FIRST_NORMAL << _SHIFT)  # the bits of the smallest normal float64
+_NO_KEY = _MAGNITUDE  # no smaller |tau| seen: its key, KEYS - 1, is at least every key seen
 
 # sums[..., k]: tau, |tau|, |tau|^p; extremes[..., k]: max, min
 _SUM, _ABS, _POW = range(3)
@@ -86,51 +89,59 @@ def _moments(tau, m, power, sums, gram):
             gram[w, r] += dot
 
 
+@numba.njit(nogil=True, cache=True, fastmath={"nnan", "nsz"})
+def _extremes(values, m, mx, mn):
+    """Max and min of values[:m] (vectorised: NaN is detected apart, and then wins)."""
+    for j in range(m):
+        mx = max(mx, values[j])
+        mn = min(mn, values[j])
+    return mx, mn
+
+
 @numba.njit(nogil=True, cache=True)
-def _counts(tau, m, thresholds, cell_slot, lower, upper, first, per_unit, log_bins, extremes, zeros, below, hist,
-            grid, key_low, key_high, sign, keys, cut):
-    """Extremes, zeros, threshold counts, the relative grid (keys below 256 are zero or
-    subnormal: one cell, summed when the tensor closes), each entry's sign (1, -1, 0 for zero or
-    NaN) into `sign`, and the histogram slot of the entries whose grid cell an edge cuts (the
-    others are counted per cell, and the cells binned when the tensor closes). Branch-free
-    where it can be: the loops vectorize."""
+def _counts(tau, m, thresholds, split, lower, upper, first, per_unit, log_bins, extremes, zeros, below, hist, grid,
+            key_low, key_high, sign, cut):
+    """Extremes, zeros, threshold counts, each entry's sign (1, -1, 0 for zero or NaN) into
+    `sign`, and the grid: each entry counted in its cell's lower or upper half, the halves an
+    edge of the absolute histogram splits (`split`: that edge; NaN where none does; -inf where
+    two or more do, only with many bins: those entries are binned one by one), so that the
+    histogram comes from the cells when the tensor closes. Keys below 256 are zero or
+    subnormal: one cell, summed when the tensor closes. Branch-free where it can be: all but
+    the grid's loop vectorize."""
     rows = tau.shape[0]
     top = hist.shape[1] - 1
     for r in range(rows):
         values, signs = tau[r], sign[r]
-        mx, mn = extremes[r, 0], extremes[r, 1]
-        nan = mx != mx
-        zero = 0
+        bits = values.view(np.int64)
+        nan = extremes[r, 0] != extremes[r, 0]
+        mx, mn = _extremes(values, m, extremes[r, 0], extremes[r, 1])
+        zero, high, low = 0, np.int64(0), _NO_KEY
         for j in range(m):
             t = values[j]
-            mx = t if t > mx else mx
-            mn = t if t < mn else mn
             signs[j] = np.int8(t > 0) - np.int8(t < 0)
             zero += t == 0
             nan |= t != t
+            magnitude = bits[j] & _MAGNITUDE  # |t|'s bits: ordered as |t| is
+            high = max(high, magnitude)
+            low = min(low, magnitude if magnitude >= _NORMAL else _NO_KEY)
         extremes[r, 0], extremes[r, 1] = (np.nan, np.nan) if nan else (mx, mn)
         zeros[r] += zero
+        key_high[r] = max(key_high[r], high >> _SHIFT)
+        key_low[r] = min(key_low[r], low >> _SHIFT)
         for k in range(thresholds.shape[0]):
             threshold = thresholds[k]
             count = 0
             for j in range(m):
                 count += abs(values[j]) < threshold
             below[r, k] += count
-        bits = values.view(np.int64)
-        low, high = key_low[r], key_high[r]
-        for j in range(m):
-            key = (bits[j] & 0x7FFFFFFFFFFFFFFF) >> 44  # |tau|'s exponent and top mantissa bits
-            keys[j] = key
-            high = max(high, key)
-            low = min(low, key if key >= 256 else 1 << 20)
-        key_low[r], key_high[r] = low, high
         cells = grid[r]
         n_cut = 0
         for j in range(m):
-            key = keys[j]
-            cells[key] += 1
+            key = (bits[j] & _MAGNITUDE) >> _SHIFT  # |t|'s exponent and top mantissa bits
+            edge = split[key]
+            cells[2 * key + (abs(values[j]) >= edge)] += 1
             cut[n_cut] = j
-            n_cut += cell_slot[key] < 0
+            n_cut += edge < 0.0
         for c in range(n_cut):
             j = cut[c]
             hist[r, _slot(abs(values[j]), lower, upper, first, per_unit, log_bins, top)] += 1
@@ -176,23 +187,20 @@ def _agreement(sign, m, n_finetuned, agree, all_agree, block):
 
 
 @numba.njit(nogil=True, cache=True)
-def _accumulate(x, start, stop, block, n_finetuned, with_mean, power, thresholds, cell_slot, lower, upper, first,
-                per_unit, log_bins, sums, gram, extremes, zeros, below, agree, all_agree, hist, grid, key_low,
-                key_high):
+def _accumulate(x, start, stop, block, n_finetuned, with_mean, power, thresholds, split, lower, upper, first, per_unit,
+                log_bins, sums, gram, extremes, zeros, below, agree, all_agree, hist, grid, key_low, key_high):
     """Add elements start..stop of the (inputs x elements) chunk `x` (row 0: the base) to the
     accumulators of `block` (their leading axis), tile by tile."""
     rows = sums.shape[1]
     tau = np.empty((rows, TILE), dtype=np.float64)
     sign = np.empty((rows, TILE), dtype=np.int8)
-    keys = np.empty(TILE, dtype=np.int64)
     cut = np.empty(TILE, dtype=np.int64)
     for j0 in range(start, stop, TILE):
         m = min(TILE, stop - j0)
         _tile(x, j0, m, n_finetuned, with_mean, tau)
         _moments(tau, m, power, sums[block], gram[block])
-        _counts(tau, m, thresholds, cell_slot, lower, upper, first, per_unit, log_bins, extremes[block],
-                zeros[block], below[block], hist[block], grid[block], key_low[block], key_high[block], sign, keys,
-                cut)
+        _counts(tau, m, thresholds, split, lower, upper, first, per_unit, log_bins, extremes[block], zeros[block],
+                below[block], hist[block], grid[block], key_low[block], key_high[block], sign, cut)
         _agreement(sign, m, n_finetuned, agree[block], all_agree, block)
 
 
@@ -221,12 +229,12 @@ class FusedState:
         self.power = settings.p if settings.p not in (1.0, 2.0) else 0.0
         self.thresholds = np.asarray(settings.thresholds, dtype=np.float64)
         binning = abs_binning
-        self.cell_slot = cell_slots(binning.edges.cpu().numpy())
+        self.cells = CellBins(binning)
         self.binning = (binning.lower.cpu().numpy(), binning.upper.cpu().numpy(), binning.first, binning.per_unit,
                         binning.log)
-        self.hist = np.zeros((*shape, binning.slots_count), dtype=np.int64)  # entries of cells an edge cuts
+        self.hist = np.zeros((*shape, binning.slots_count), dtype=np.int64)  # entries of cells edges cut twice
         self.hist_cells = np.zeros((rows, binning.slots_count), dtype=np.int64)  # the others, cell by cell
-        self.grid = np.zeros((*shape, KEYS), dtype=np.int64)
+        self.grid = np.zeros((*shape, 2 * KEYS), dtype=np.int64)  # per key: its cell's lower, upper half
         self.sums = np.zeros((*shape, 3))
         self.gram = np.zeros((self.blocks, rows, rows))
         self.extremes = np.zeros((*shape, 2))
@@ -242,7 +250,7 @@ class FusedState:
         for array in (self.sums, self.gram, self.zeros, self.below, self.agree, self.all_agree):
             array.fill(0)
         self.extremes[..., 0], self.extremes[..., 1] = -np.inf, np.inf
-        self.key_low.fill(1 << 20)
+        self.key_low.fill(KEYS)
         self.key_high.fill(-1)
 
     def add(self, x: np.ndarray, lo: int, hi: int) -> None:
@@ -259,7 +267,7 @@ class FusedState:
     def _block(self, x: np.ndarray, start: int, stop: int, block: int) -> None:
         lower, upper, first, per_unit, log = self.binning
         _accumulate(x, start, stop, block, self.n_finetuned, self.rows > x.shape[0] - 1, self.power, self.thresholds,
-                    self.cell_slot, lower, upper, first, per_unit, log, self.sums, self.gram, self.extremes,
+                    self.cells.split, lower, upper, first, per_unit, log, self.sums, self.gram, self.extremes,
                     self.zeros, self.below, self.agree, self.all_agree, self.hist, self.grid, self.key_low,
                     self.key_high)
 
@@ -280,20 +288,16 @@ class FusedState:
             array[np.isnan(extreme).any(0)] = np.nan
         grid = FineGrid(self.rows, torch.device("cpu"))
         low, high = int(self.key_low.min()), int(self.key_high.max())
-        tiny = self.grid[:, :, :_FIRST_NORMAL].sum((0, 2))
-        self.grid[:, :, :_FIRST_NORMAL] = 0
-        grid.tiny = torch.from_numpy(tiny)
-        if self.cell_slot[0] >= 0:
-            self.hist_cells[:, self.cell_slot[0]] += tiny
+        cells = self.cells
+        halves = self.grid[:, :, :2 * _FIRST_NORMAL].reshape(self.blocks, self.rows, -1, 2).sum((0, 2))
+        self.grid[:, :, :2 * _FIRST_NORMAL] = 0
+        grid.tiny = torch.from_numpy(halves.sum(1))
+        cells.bin(self.hist_cells, slice(0, 1), halves[:, None, :])
         if high >= _FIRST_NORMAL:
-            counts = self.grid[:, :, low:high + 1].sum(0)
-            self.grid[:, :, low:high + 1] = 0
-            grid.low, grid.counts = low, torch.from_numpy(counts)
-            slots = self.cell_slot[low:high + 1]
-            inside = slots >= 0
-            for row in range(self.rows):  # float64 weights: exact integer sums below 2^53
-                self.hist_cells[row] += np.bincount(slots[inside], weights=counts[row, inside],
-                                                    minlength=self.hist_cells.shape[1]).astype(np.int64)
+            halves = self.grid[:, :, 2 * low:2 * high + 2].reshape(self.blocks, self.rows, -1, 2).sum(0)
+            self.grid[:, :, 2 * low:2 * high + 2] = 0
+            grid.low, grid.counts = low, torch.from_numpy(halves.sum(2))
+            cells.bin(self.hist_cells, slice(low, high + 1), halves)
         sp = sums[:, _POW] if self.power else {1.0: sums[:, _ABS], 2.0: np.diagonal(gram)}[self.settings.p]
         totals = close_tensor(numel, sums[:, _SUM], sums[:, _ABS], np.array(sp), gram, mx, mn, self.zeros.sum(0),
                               self.below.sum(0), agree, int(self.all_agree.sum()), grid, base_std, self.settings,
@@ -306,16 +310,37 @@ class FusedState:
         return torch.from_numpy(self.hist.sum(0) + self.hist_cells)
 
 
-def cell_slots(edges: np.ndarray) -> np.ndarray:
-    """For every grid key, the histogram slot of all the values of its cell, or -1 where an edge
-    cuts the cell (its entries are binned one by one). Keys below 256 form one cell, [0, the
-    largest subnormal]; keys of inf and NaN go to the slot above the edges."""
-    keys = np.arange(KEYS, dtype=np.int64)
-    lowest = (keys << _SHIFT).view(np.float64)
-    highest = (((keys + 1) << _SHIFT) - 1).view(np.float64)
-    lowest[:_FIRST_NORMAL], highest[:_FIRST_NORMAL] = 0.0, highest[_FIRST_NORMAL - 1]
-    first, last = _exact_slots(lowest, edges), _exact_slots(highest, edges)
-    return np.where(first == last, first, -1).astype(np.int32)
+class CellBins:
+    """Where the absolute histogram's edges fall in the grid's cells. For every key: `first`, the
+    slot of its cell's smallest value; `split`, the value from which the cell's values go to the
+    next slot, where one edge cuts the cell (NaN where none does: no value is >= NaN, so all go to
+    `first`, inf's too; -inf where `multi`); `multi`,
+    where two or more edges cut it (many bins: its entries are binned one by one). Keys below 256
+    form one cell, [0, the largest subnormal]; keys of inf and NaN go to the slot above the edges."""
+
+    def __init__(self, binning: Binning) -> None:
+        edges, upper = binning.edges.cpu().numpy(), binning.upper.cpu().numpy()
+        keys = np.arange(KEYS, dtype=np.int64)
+        lowest = (keys << _SHIFT).view(np.float64)
+        highest = (((keys + 1) << _SHIFT) - 1).view(np.float64)
+        lowest[:_FIRST_NORMAL], highest[:_FIRST_NORMAL] = 0.0, highest[_FIRST_NORMAL - 1]
+        first, last = _exact_slots(lowest, edges), _exact_slots(highest, edges)
+        self.first = first.astype(np.int64)
+        self.multi = last > first + 1
+        self.split = np.where(last == first + 1, upper[np.minimum(first, len(upper) - 1)], np.nan)
+        self.split[self.multi] = -np.inf
+        self.slots_count = binning.slots_count
+
+    def bin(self, hist: np.ndarray, keys: slice, halves: np.ndarray) -> None:
+        """Add the cells keys (halves: rows x cells x 2 counts) to hist (rows x slots); the cells
+        of `multi` keys were binned entry by entry."""
+        first, whole = self.first[keys], ~self.multi[keys]
+        for row in range(hist.shape[0]):  # float64 weights: exact integer sums below 2^53
+            for half in range(2):
+                counts = halves[row, :, half]
+                used = whole & (counts > 0)
+                hist[row] += np.bincount(first[used] + half, weights=counts[used],
+                                         minlength=self.slots_count).astype(np.int64)
 
 
 def _exact_slots(values: np.ndarray, edges: np.ndarray) -> np.ndarray:
