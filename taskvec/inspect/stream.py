@@ -37,6 +37,8 @@ def run_pass(plan: MergePlan, n_finetuned: int, n_merged: int, settings: Setting
     jobs = [job for job in plan.jobs if job.kind == "combine"]
     abs_binning = Binning(settings.edges(settings.range), settings.log_bins, device)
     norm_binning = Binning(settings.edges(settings.norm_range), settings.log_bins, device)
+    if device.type == "cpu" and CPU_ENGINE == "fused":
+        return _fused_pass(plan, jobs, n_finetuned, rows, settings, abs_binning, norm_binning, progress)
     hist_abs = torch.zeros(rows, abs_binning.slots_count, dtype=torch.int64, device=device)
     hist_norm = torch.zeros_like(hist_abs)
     signs = SignCodes(rows, n_finetuned, device)
@@ -49,8 +51,6 @@ def run_pass(plan: MergePlan, n_finetuned: int, n_merged: int, settings: Setting
     threads = torch.get_num_threads()
     torch.set_num_threads(max(1, threads - 1))  # a core for the reader thread, as the merge does
     try:
-        if device.type == "cpu" and CPU_ENGINE == "fused":
-            return _fused_pass(plan, jobs, chunks, n_finetuned, rows, settings, abs_binning, norm_binning, progress)
         for job in jobs:
             base, tau = _task_vectors(job, chunks, plan.n_inputs, n_finetuned, with_mean, device)
             magnitude = tau.abs()
@@ -103,38 +103,73 @@ def _task_vectors(job, chunks: Prefetcher, n_inputs: int, n_finetuned: int, with
     return base, tau
 
 
-def _fused_pass(plan: MergePlan, jobs, chunks: Prefetcher, n_finetuned: int, rows: int, settings: Settings,
-                abs_binning: Binning, norm_binning: Binning, progress) -> PassResult:
+class StackedReader:
+    """Reads every input's chunk of a job into one buffer, as the (inputs x elements) array the
+    compiled pass takes: float64 for float64 jobs, else float32, cast on the reader thread (a
+    chunk of another dtype, or a LoRA module's, is first formed in the job's dtype, as the torch
+    pass forms it)."""
+
+    def __init__(self, n_inputs: int) -> None:
+        self.n_inputs = n_inputs
+        self.reader = JobReader()
+        self._scratch = torch.empty(0, dtype=torch.uint8)
+
+    @staticmethod
+    def dtype(job) -> torch.dtype:
+        return torch.float64 if job.in_dtype == torch.float64 else torch.float32
+
+    def nbytes(self, job) -> int:
+        return self.n_inputs * job.numel * self.dtype(job).itemsize
+
+    def stacked(self, job, buffer: torch.Tensor) -> torch.Tensor:
+        """The job's (inputs x elements) view of a buffer."""
+        return buffer[:self.nbytes(job)].view(self.dtype(job)).view(self.n_inputs, job.numel)
+
+    def read_job(self, job, _index: int, buffer: torch.Tensor) -> None:
+        stacked = self.stacked(job, buffer)
+        direct = job.in_dtype == self.dtype(job)
+        if not direct and self._scratch.numel() < job.nbytes_in:
+            self._scratch = torch.empty(job.nbytes_in, dtype=torch.uint8)
+        for index in range(self.n_inputs):
+            if direct:
+                self.reader.read_job(job, index, stacked[index].view(torch.uint8))
+            else:
+                self.reader.read_job(job, index, self._scratch)
+                stacked[index].copy_(self._scratch[:job.nbytes_in].view(job.in_dtype))
+
+    def close(self) -> None:
+        self.reader.close()
+
+
+def _fused_pass(plan: MergePlan, jobs, n_finetuned: int, rows: int, settings: Settings, abs_binning: Binning,
+                norm_binning: Binning, progress) -> PassResult:
     from taskvec.inspect.fused import FusedState
 
-    state = FusedState(rows, n_finetuned, settings, abs_binning)
+    reader = StackedReader(plan.n_inputs)
+    chunks = Prefetcher(reader, [(job, 0) for job in jobs], max((reader.nbytes(job) for job in jobs), default=0),
+                        buffers=3)
+    state = None
     try:
-        return _fused_jobs(plan, jobs, chunks, state, rows, norm_binning, progress)
+        state = FusedState(rows, n_finetuned, settings, abs_binning)
+        return _fused_jobs(plan, jobs, chunks, reader, state, rows, norm_binning, progress)
     finally:
-        state.close()
+        if state is not None:
+            state.close()
+        chunks.close()
+        reader.close()
 
 
-def _fused_jobs(plan: MergePlan, jobs, chunks: Prefetcher, state, rows: int, norm_binning: Binning,
-                progress) -> PassResult:
+def _fused_jobs(plan: MergePlan, jobs, chunks: Prefetcher, reader: StackedReader, state, rows: int,
+                norm_binning: Binning, progress) -> PassResult:
     from taskvec.inspect import fused
 
     hist_norm = torch.zeros(rows, norm_binning.slots_count, dtype=torch.int64)
     tensors: dict[str, Totals] = {}
     base_std: dict[str, float] = {}
     spread = BaseSpread()
-    largest = max((job.numel for job in jobs), default=0)
-    wide = any(job.in_dtype == torch.float64 for job in jobs)
-    stack = torch.empty(plan.n_inputs, largest, dtype=torch.float64 if wide else torch.float32)
     for job in jobs:
-        dtype = torch.float64 if job.in_dtype == torch.float64 else torch.float32
-        x = stack.view(-1)[:plan.n_inputs * job.numel].view(plan.n_inputs, job.numel)
-        if dtype != stack.dtype:
-            x = torch.empty(plan.n_inputs, job.numel, dtype=dtype)
-        for index in range(plan.n_inputs):
-            raw = chunks.take()
-            x[index].copy_(raw[:job.nbytes_in].view(job.in_dtype))
-            chunks.give_back(raw)
-        values = x.numpy()
+        buffer = chunks.take()
+        values = reader.stacked(job, buffer).numpy()
         position = 0
         for segment in job.segments:
             end = position + segment.numel
@@ -145,6 +180,7 @@ def _fused_jobs(plan: MergePlan, jobs, chunks: Prefetcher, state, rows: int, nor
                 tensors[segment.name] = state.finish(segment.sources[0].numel, spread.std, norm_binning, hist_norm)
                 spread = BaseSpread()
             position = end
+        chunks.give_back(buffer)
         progress.update(job.nbytes_in * plan.n_inputs)
     order = [spec.name for spec in plan.outputs if spec.name in tensors]
     return PassResult({name: tensors[name] for name in order}, base_std, state.histogram(), hist_norm)
