@@ -9,6 +9,7 @@ norms, extremes, near-zero shares on absolute and per-tensor relative scales, hi
     accumulators  float64 sums, exact counts, the per-tensor relative grid (torch: the reference, CUDA)
     fused         the same statistics as compiled loops over cache-sized tiles (the CPU pass)
     stream        the pass over the plan's jobs
+    mapped        inputs read in place from read-only mappings (the CPU pass)
     summary       statistics from the sums, per tensor, group and overall
     groups        tensor groups by name
     report        stats.json, tensors.csv, counts.npy/bin_edges.npy, the terminal table

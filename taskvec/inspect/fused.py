@@ -3,12 +3,14 @@
 The torch accumulators (taskvec.inspect.accumulators) take some forty passes over a float64
 (vectors x elements) matrix per chunk; on a CPU that is memory traffic, not arithmetic, and it
 made inspect ten times slower than reading its inputs. Here numba compiles the work of a tile
-of TILE elements: the task vectors (tau_i = ft_i - base, their mean, M - base) are formed once
+of TILE elements: the task vectors (tau_i = ft_i - base, their mean, M - base) are formed once,
+from each input's row read at its address (a mapped file's page cache or a stacked buffer),
 into a float64 tile that stays in the core's cache, and a few tight loops over it add to every
 accumulator: sums of tau, |tau| and |tau|^p, the Gram matrix, extremes, zeros, sign agreement,
-absolute thresholds, the relative grid and the absolute histogram. The histogram is counted per
-grid cell (the grid is counted anyway) and each cell binned once when its tensor closes; only
-entries of the cells an edge cuts are binned one by one. A slice is split into one block per
+absolute thresholds, the relative grid, the absolute histogram and the base's spread. The
+histogram is counted per half grid cell (the grid is counted anyway; an edge of the histogram
+splits a cell in two) and each half binned once when its tensor closes; only entries of the
+cells two edges cut (with many bins) are binned one by one. A slice is split into one block per
 core, each with its own accumulators, run on Python threads (the loops release the GIL) and
 summed when the tensor closes. The torch accumulators stay the reference (and the CUDA pass);
 tests hold the two to the same counts and to float64 rounding on sums.
@@ -28,8 +30,10 @@ from concurrent.futures import ThreadPoolExecutor
 import numba
 import numpy as np
 import torch
+from numba import types
+from numba.extending import intrinsic
 
-from taskvec.inspect.accumulators import _FIRST_NORMAL, _SHIFT, Binning, FineGrid, Totals, close_tensor
+from taskvec.inspect.accumulators import _FIRST_NORMAL, _SHIFT, BaseSpread, Binning, FineGrid, Totals, close_tensor
 
 KEYS = 1 << (63 - _SHIFT)  # every key of a float64 >= 0, NaN's included
 _MAGNITUDE = np.int64(0x7FFFFFFFFFFFFFFF)
@@ -45,15 +49,45 @@ PARALLEL_MIN = 1 << 14  # elements per block below which threads cost more than 
 MAX_BLOCKS = 8
 
 
+@intrinsic
+def _float32_at(typingctx, address):
+    """The float32 pointer at an integer address."""
+    def codegen(context, builder, signature, args):
+        return builder.inttoptr(args[0], context.get_value_type(types.CPointer(types.float32)))
+    return types.CPointer(types.float32)(types.int64), codegen
+
+
+@intrinsic
+def _float64_at(typingctx, address):
+    """The float64 pointer at an integer address."""
+    def codegen(context, builder, signature, args):
+        return builder.inttoptr(args[0], context.get_value_type(types.CPointer(types.float64)))
+    return types.CPointer(types.float64)(types.int64), codegen
+
+
 @numba.njit(nogil=True, cache=True)
-def _tile(x, j0, m, n_finetuned, with_mean, tau):
-    """tau[:, :m]: the task vectors of elements j0..j0+m, exactly as the torch pass forms them
-    (the mean: the fine-tunes' rows added in order to a copy of the first, then divided by N)."""
-    n_inputs = x.shape[0]
-    for i in range(1, n_inputs):
-        row = i - 1 if i <= n_finetuned or not with_mean else i
+def _differences(address, wide, j0, m, base, out):
+    """out[:m] = elements j0..j0+m of the float64 (`wide`) or float32 row at `address`, minus
+    `base` (none: zeros), in float64."""
+    if wide:
+        values = _float64_at(address)
         for j in range(m):
-            tau[row, j] = np.float64(x[i, j0 + j]) - np.float64(x[0, j0 + j])
+            out[j] = values[j0 + j] - base[j]
+    else:
+        narrow = _float32_at(address)
+        for j in range(m):
+            out[j] = np.float64(narrow[j0 + j]) - base[j]
+
+
+@numba.njit(nogil=True, cache=True)
+def _tile(addresses, wide, j0, m, n_finetuned, with_mean, tau, base, zero):
+    """tau[:, :m]: the task vectors of elements j0..j0+m (row 0 of `addresses`: the base, into
+    `base`), exactly as the torch pass forms them (the mean: the fine-tunes' rows added in order
+    to a copy of the first, then divided by N)."""
+    _differences(addresses[0], wide, j0, m, zero, base)
+    for i in range(1, addresses.shape[0]):
+        row = i - 1 if i <= n_finetuned or not with_mean else i
+        _differences(addresses[i], wide, j0, m, base, tau[row])
     if with_mean:
         mean = tau[n_finetuned]
         for j in range(m):
@@ -63,6 +97,25 @@ def _tile(x, j0, m, n_finetuned, with_mean, tau):
                 mean[j] += tau[i, j]
         for j in range(m):
             mean[j] /= n_finetuned
+
+
+@numba.njit(nogil=True, cache=True, fastmath={"reassoc", "contract"})
+def _spread(base, m, spread):
+    """Add the base's m values to spread = (count, mean, sum of squared deviations): the tile's
+    own two passes, then Chan et al.'s pairwise update (as BaseSpread.add_moments)."""
+    total = 0.0
+    for j in range(m):
+        total += base[j]
+    mean = total / m
+    m2 = 0.0
+    for j in range(m):
+        deviation = base[j] - mean
+        m2 += deviation * deviation
+    count = spread[0] + m
+    delta = mean - spread[1]
+    spread[1] += delta * m / count
+    spread[2] += m2 + delta * delta * spread[0] * m / count
+    spread[0] = count
 
 
 @numba.njit(nogil=True, cache=True, fastmath={"reassoc", "contract"})
@@ -187,35 +240,26 @@ def _agreement(sign, m, n_finetuned, agree, all_agree, block):
 
 
 @numba.njit(nogil=True, cache=True)
-def _accumulate(x, start, stop, block, n_finetuned, with_mean, power, thresholds, split, lower, upper, first, per_unit,
-                log_bins, sums, gram, extremes, zeros, below, agree, all_agree, hist, grid, key_low, key_high):
-    """Add elements start..stop of the (inputs x elements) chunk `x` (row 0: the base) to the
-    accumulators of `block` (their leading axis), tile by tile."""
+def _accumulate(addresses, wide, start, stop, block, n_finetuned, with_mean, power, thresholds, split, lower, upper,
+                first, per_unit, log_bins, spread, sums, gram, extremes, zeros, below, agree, all_agree, hist, grid,
+                key_low, key_high):
+    """Add elements start..stop of the rows at `addresses` (inputs; row 0: the base; float64
+    where `wide`, else float32) to the accumulators of `block` (their leading axis), tile by
+    tile."""
     rows = sums.shape[1]
     tau = np.empty((rows, TILE), dtype=np.float64)
+    base = np.empty(TILE, dtype=np.float64)
+    zero = np.zeros(TILE, dtype=np.float64)
     sign = np.empty((rows, TILE), dtype=np.int8)
     cut = np.empty(TILE, dtype=np.int64)
     for j0 in range(start, stop, TILE):
         m = min(TILE, stop - j0)
-        _tile(x, j0, m, n_finetuned, with_mean, tau)
+        _tile(addresses, wide, j0, m, n_finetuned, with_mean, tau, base, zero)
+        _spread(base, m, spread[block])
         _moments(tau, m, power, sums[block], gram[block])
         _counts(tau, m, thresholds, split, lower, upper, first, per_unit, log_bins, extremes[block], zeros[block],
                 below[block], hist[block], grid[block], key_low[block], key_high[block], sign, cut)
         _agreement(sign, m, n_finetuned, agree[block], all_agree, block)
-
-
-@numba.njit(nogil=True, cache=True)
-def base_moments(x, lo, hi):
-    """The mean of row 0 (the base) over lo..hi and its sum of squared deviations, in float64."""
-    total = 0.0
-    for j in range(lo, hi):
-        total += np.float64(x[0, j])
-    mean = total / (hi - lo)
-    m2 = 0.0
-    for j in range(lo, hi):
-        deviation = np.float64(x[0, j]) - mean
-        m2 += deviation * deviation
-    return mean, m2
 
 
 class FusedState:
@@ -244,39 +288,49 @@ class FusedState:
         self.all_agree = np.zeros(self.blocks, dtype=np.int64)
         self.key_low = np.zeros(shape, dtype=np.int64)
         self.key_high = np.zeros(shape, dtype=np.int64)
+        self.spread = np.zeros((self.blocks, 3))  # the base's count, mean, squared deviations
+        self.base = BaseSpread()
         self._reset()
 
     def _reset(self) -> None:
-        for array in (self.sums, self.gram, self.zeros, self.below, self.agree, self.all_agree):
+        for array in (self.sums, self.gram, self.zeros, self.below, self.agree, self.all_agree, self.spread):
             array.fill(0)
+        self.base = BaseSpread()
         self.extremes[..., 0], self.extremes[..., 1] = -np.inf, np.inf
         self.key_low.fill(KEYS)
         self.key_high.fill(-1)
 
-    def add(self, x: np.ndarray, lo: int, hi: int) -> None:
-        """Elements lo..hi of the (inputs x elements) chunk, row 0 the base (float32 or float64):
-        one block per thread where there are enough of them, else all in block 0."""
-        blocks = self.blocks if hi - lo >= self.blocks * PARALLEL_MIN else 1
-        spans = [(lo + (hi - lo) * k // blocks, lo + (hi - lo) * (k + 1) // blocks, k) for k in range(blocks)]
+    def add(self, addresses: np.ndarray, wide: bool, numel: int) -> None:
+        """A slice of one tensor: `numel` elements of each input's row at `addresses` (int64; row
+        0: the base; float64 where `wide`, else float32), which must stay readable until this
+        returns. One block per thread where there are enough of them, else all in block 0."""
+        blocks = self.blocks if numel >= self.blocks * PARALLEL_MIN else 1
+        spans = [(numel * k // blocks, numel * (k + 1) // blocks, k) for k in range(blocks)]
         if blocks == 1:
-            self._block(x, *spans[0])
+            self._block(addresses, wide, *spans[0])
         else:
-            for future in [self._pool.submit(self._block, x, *span) for span in spans]:
+            for future in [self._pool.submit(self._block, addresses, wide, *span) for span in spans]:
                 future.result()
+        for k in range(blocks):  # the base's spread over the slice, block by block in order
+            count, mean, m2 = self.spread[k]
+            self.base.add_moments(int(count), float(mean), float(m2))
+        self.spread.fill(0)
 
-    def _block(self, x: np.ndarray, start: int, stop: int, block: int) -> None:
+    def _block(self, addresses: np.ndarray, wide: bool, start: int, stop: int, block: int) -> None:
         lower, upper, first, per_unit, log = self.binning
-        _accumulate(x, start, stop, block, self.n_finetuned, self.rows > x.shape[0] - 1, self.power, self.thresholds,
-                    self.cells.split, lower, upper, first, per_unit, log, self.sums, self.gram, self.extremes,
-                    self.zeros, self.below, self.agree, self.all_agree, self.hist, self.grid, self.key_low,
-                    self.key_high)
+        _accumulate(addresses, wide, start, stop, block, self.n_finetuned, self.rows > len(addresses) - 1,
+                    self.power, self.thresholds, self.cells.split, lower, upper, first, per_unit, log, self.spread,
+                    self.sums, self.gram, self.extremes, self.zeros, self.below, self.agree, self.all_agree,
+                    self.hist, self.grid, self.key_low, self.key_high)
 
     def close(self) -> None:
         """Stop the block threads."""
         self._pool.shutdown()
 
-    def finish(self, numel: int, base_std: float, norm_binning: Binning, norm_hist: torch.Tensor) -> Totals:
-        """Close the tensor: sum the blocks, apply the relative thresholds, reset for the next."""
+    def finish(self, numel: int, norm_binning: Binning, norm_hist: torch.Tensor) -> tuple[Totals, float]:
+        """Close the tensor: sum the blocks, apply the relative thresholds, reset for the next;
+        its Totals and the base tensor's standard deviation."""
+        base_std = self.base.std
         sums = self.sums.sum(0)
         gram = self.gram.sum(0)
         gram = np.triu(gram) + np.triu(gram, 1).T
@@ -303,7 +357,7 @@ class FusedState:
                               self.below.sum(0), agree, int(self.all_agree.sum()), grid, base_std, self.settings,
                               norm_binning, norm_hist)
         self._reset()
-        return totals
+        return totals, base_std
 
     def histogram(self) -> torch.Tensor:
         """The absolute histogram, summed over blocks: (rows, slots)."""

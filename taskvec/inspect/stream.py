@@ -1,21 +1,24 @@
 """The one pass: the merge's plan and readers feed each job's task vectors to the accumulators.
 
-Inputs are [base, fine-tunes..., merged...]; each input's chunk of a job arrives in the job's
-dtype from the merge's JobReader, on the merge's Prefetcher thread. The vectors are tau_i =
-ft_i - base, then the mean of the fine-tunes' (for two or more), then M - base for each merged
-model. On a CPU the chunks go as one (inputs x elements) array to the compiled loop
-(taskvec.inspect.fused); on CUDA, and as the reference, each vector becomes one row of a float64
-(vectors x elements) matrix for the torch accumulators. Memory is that array or matrix and a few
-temporaries of its size, whatever the model, so the chunk is divided among the vectors.
+Inputs are [base, fine-tunes..., merged...]. The vectors are tau_i = ft_i - base, then the mean
+of the fine-tunes' (for two or more), then M - base for each merged model. On a CPU the compiled
+loop (taskvec.inspect.fused) reads each input's row of a job where its file is mapped
+(taskvec.inspect.mapped: float32 and float64 tensors at aligned offsets), or else from a stacked
+(inputs x elements) buffer that the merge's JobReader fills on the Prefetcher thread. On CUDA,
+and as the reference, each input's chunk arrives in the job's dtype from the same reader and
+each vector becomes one row of a float64 (vectors x elements) matrix for the torch accumulators.
+Memory is a job's chunks and a few temporaries of their size, whatever the model, so the chunk
+is divided among the vectors.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
-from taskvec.inspect.accumulators import BaseSpread, Binning, SignCodes, TensorAccumulator, Totals, grid_keys
+from taskvec.inspect.accumulators import Binning, SignCodes, TensorAccumulator, Totals, grid_keys
 from taskvec.inspect.settings import Settings
 from taskvec.stream import JobReader, MergePlan, Prefetcher
 
@@ -144,43 +147,65 @@ class StackedReader:
 def _fused_pass(plan: MergePlan, jobs, n_finetuned: int, rows: int, settings: Settings, abs_binning: Binning,
                 norm_binning: Binning, progress) -> PassResult:
     from taskvec.inspect.fused import FusedState
+    from taskvec.inspect.mapped import MappedFiles
 
     reader = StackedReader(plan.n_inputs)
-    chunks = Prefetcher(reader, [(job, 0) for job in jobs], max((reader.nbytes(job) for job in jobs), default=0),
+    mapped = MappedFiles()
+    in_place = [_in_place(job) for job in jobs]
+    stacked = [job for job, direct in zip(jobs, in_place, strict=True) if not direct]
+    chunks = Prefetcher(reader, [(job, 0) for job in stacked], max((reader.nbytes(job) for job in stacked), default=0),
                         buffers=3)
     state = None
     try:
         state = FusedState(rows, n_finetuned, settings, abs_binning)
-        return _fused_jobs(plan, jobs, chunks, reader, state, rows, norm_binning, progress)
+        return _fused_jobs(plan, jobs, in_place, chunks, reader, mapped, state, rows, norm_binning, progress)
     finally:
         if state is not None:
             state.close()
         chunks.close()
         reader.close()
+        mapped.close()
 
 
-def _fused_jobs(plan: MergePlan, jobs, chunks: Prefetcher, reader: StackedReader, state, rows: int,
-                norm_binning: Binning, progress) -> PassResult:
-    from taskvec.inspect import fused
+def _in_place(job) -> bool:
+    """Whether every input's segments of the job can be read where their files are mapped."""
+    from taskvec.inspect.mapped import MappedFiles
 
+    dtype = StackedReader.dtype(job)
+    return job.in_dtype == dtype and all(MappedFiles.readable(source, segment.start, dtype)
+                                         for segment in job.segments for source in segment.sources)
+
+
+def _fused_jobs(plan: MergePlan, jobs, in_place: list[bool], chunks: Prefetcher, reader: StackedReader, mapped, state,
+                rows: int, norm_binning: Binning, progress) -> PassResult:
+    """Each job's segments to the compiled pass: read in place, or from the reader's stacked
+    buffer (its rows' addresses)."""
     hist_norm = torch.zeros(rows, norm_binning.slots_count, dtype=torch.int64)
     tensors: dict[str, Totals] = {}
     base_std: dict[str, float] = {}
-    spread = BaseSpread()
-    for job in jobs:
-        buffer = chunks.take()
-        values = reader.stacked(job, buffer).numpy()
+    for job, direct in zip(jobs, in_place, strict=True):
+        dtype = StackedReader.dtype(job)
+        buffer = None if direct else chunks.take()
+        if not direct:
+            origin = reader.stacked(job, buffer).data_ptr()
+            rows_at = origin + np.arange(plan.n_inputs, dtype=np.int64) * (job.numel * dtype.itemsize)
         position = 0
         for segment in job.segments:
-            end = position + segment.numel
-            state.add(values, position, end)
-            spread.add_moments(segment.numel, *fused.base_moments(values, position, end))
+            if direct:
+                addresses = np.array([mapped.address(source, segment.start, dtype) for source in segment.sources],
+                                     dtype=np.int64)
+            else:
+                addresses = rows_at + position * dtype.itemsize
+            state.add(addresses, dtype == torch.float64, segment.numel)
             if segment.start + segment.numel == segment.sources[0].numel:
-                base_std[segment.name] = spread.std
-                tensors[segment.name] = state.finish(segment.sources[0].numel, spread.std, norm_binning, hist_norm)
-                spread = BaseSpread()
-            position = end
-        chunks.give_back(buffer)
+                tensors[segment.name], base_std[segment.name] = state.finish(segment.sources[0].numel, norm_binning,
+                                                                             hist_norm)
+            position += segment.numel
+        if direct:
+            mapped.done([(source, segment.start, segment.numel, dtype) for segment in job.segments
+                         for source in segment.sources])
+        else:
+            chunks.give_back(buffer)
         progress.update(job.nbytes_in * plan.n_inputs)
     order = [spec.name for spec in plan.outputs if spec.name in tensors]
     return PassResult({name: tensors[name] for name in order}, base_std, state.histogram(), hist_norm)
