@@ -156,10 +156,13 @@ def _fused_pass(plan: MergePlan, jobs, n_finetuned: int, rows: int, settings: Se
     chunks = Prefetcher(reader, [(job, 0) for job in stacked], max((reader.nbytes(job) for job in stacked), default=0),
                         buffers=3)
     state = None
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # torch only closes tensors here, small ops: threads would spin beside the loop's
     try:
         state = FusedState(rows, n_finetuned, settings, abs_binning)
         return _fused_jobs(plan, jobs, in_place, chunks, reader, mapped, state, rows, norm_binning, progress)
     finally:
+        torch.set_num_threads(threads)
         if state is not None:
             state.close()
         chunks.close()
