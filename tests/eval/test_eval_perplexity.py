@@ -41,21 +41,56 @@ def corpus_ids(tokenizer, texts):
     return tokenizer("\n\n".join(texts))["input_ids"]
 
 
+BATCHINGS = [1, 64, 200, 4096]  # tokens per forward pass: one window at a time, a few, many, all
+
+
+@pytest.mark.parametrize("batch_tokens", BATCHINGS)
 @pytest.mark.parametrize("texts, stride, max_length", [
     (SENTENCES[:2], 512, None),   # shorter than the 64-position context: one window
     (SENTENCES * 2, 12, 32),      # strided, overlapping windows; stride does not divide the length
     (SENTENCES * 2, 32, 32),      # windows side by side, no overlap
     (SENTENCES * 2, 512, 40),     # stride beyond the window is cut to it
 ])
-def test_matches_token_by_token_reference(tiny_loaded, texts, stride, max_length):
+def test_matches_token_by_token_reference(tiny_loaded, texts, stride, max_length, batch_tokens):
     model, tokenizer = tiny_loaded
     ids = corpus_ids(tokenizer, texts)
     window = max_length or model.config.n_positions
     if max_length:
         assert len(ids) > 2 * window  # the strided cases really span several windows
     expected = reference_ppl(model, ids, min(stride, window), window)
-    got = perplexity(model, tokenizer, texts, stride=stride, max_length=max_length, progress=False)
+    got = perplexity(model, tokenizer, texts, stride=stride, max_length=max_length, batch_tokens=batch_tokens,
+                     progress=False)
     assert got == pytest.approx(expected, rel=RTOL)
+
+
+def forward_batches(model):
+    """The batch size of every forward pass the model makes, recorded by a hook."""
+    sizes = []
+    handle = model.register_forward_hook(lambda _module, args, kwargs, _out: sizes.append(
+        (kwargs.get("input_ids") if args == () else args[0]).shape[0]), with_kwargs=True)
+    return sizes, handle
+
+
+@pytest.mark.parametrize("batch_tokens, expected", [
+    (1, [1] * 20),                   # at most one 16-token window per pass: the unbatched recipe
+    (16, [1] * 20),
+    (48, [1, 3, 3, 3, 3, 3, 3, 1]),  # the first window scores from position 1, the others from 8; the last is short
+    (4096, [1, 18, 1]),
+])
+def test_windows_of_one_shape_share_a_forward_pass(tiny_loaded, batch_tokens, expected):
+    """Batching only regroups the same windows: same number, each scored as alone."""
+    model, tokenizer = tiny_loaded
+    ids = corpus_ids(tokenizer, SENTENCES)
+    assert len(ids) == 163  # windows at 0, 8, ..., 152; the last one (152..163) is 11 tokens long
+    sizes, handle = forward_batches(model)
+    try:
+        got = perplexity(model, tokenizer, SENTENCES, stride=8, max_length=16, batch_tokens=batch_tokens,
+                         progress=False)
+    finally:
+        handle.remove()
+    assert sizes == expected
+    alone = perplexity(model, tokenizer, SENTENCES, stride=8, max_length=16, batch_tokens=1, progress=False)
+    assert got == pytest.approx(alone, rel=1e-6)
 
 
 def test_max_tokens_scores_a_prefix(tiny_loaded):
@@ -70,6 +105,8 @@ def test_errors(tiny_loaded):
     model, tokenizer = tiny_loaded
     with pytest.raises(TaskvecError, match="fewer than 2 tokens"):
         perplexity(model, tokenizer, [""], progress=False)
+    with pytest.raises(TaskvecError, match="batch_tokens 0 must be at least 1"):
+        perplexity(model, tokenizer, SENTENCES, batch_tokens=0, progress=False)
     with pytest.raises(TaskvecError, match="stride 0"):
         perplexity(model, tokenizer, SENTENCES, stride=0, progress=False)
     with pytest.raises(TaskvecError, match=r"perplexity window 65 exceeds the model's context of 64 positions"):
