@@ -50,6 +50,8 @@ def inspect_checkpoints(
     range, norm_range, log_bins, log_decades). chunk_size: elements per step as float32 bytes,
     shared by all vectors, so memory does not grow with their number. device: cpu or cuda.
     """
+    if device == "cpu":
+        _warm_compiled_pass()
     import torch
 
     from taskvec import __version__
@@ -107,6 +109,22 @@ def inspect_checkpoints(
     if output is not None:
         _write(Path(output), stats, plot, overwrite)
     return stats
+
+
+def _warm_compiled_pass() -> None:
+    """Start loading the CPU pass's compiled loops beside the imports and the planning; the pass
+    itself waits for the loading where it is not done (numba's lock), and raises any error."""
+    import threading
+
+    def load() -> None:
+        try:
+            from taskvec.inspect.fused import warm_up
+
+            warm_up()
+        except Exception:  # noqa: BLE001 - the pass reports it, with its context
+            pass
+
+    threading.Thread(target=load, name="taskvec-inspect-warm-up", daemon=True).start()
 
 
 def _write(output: Path, stats: dict, plot: bool, overwrite: bool) -> None:

@@ -364,6 +364,20 @@ class FusedState:
         return torch.from_numpy(self.hist.sum(0) + self.hist_cells)
 
 
+def warm_up() -> None:
+    """Load the compiled loops (numba's cache, ~1 s) on a few zeros: run on a thread while the
+    process imports torch and plans the pass (the loading is partly outside the GIL)."""
+    from taskvec.inspect.settings import Settings
+
+    settings = Settings()
+    state = FusedState(2, 1, settings, Binning(settings.edges(settings.range), False, torch.device("cpu")), blocks=1)
+    try:
+        zeros = np.zeros((2, TILE), dtype=np.float32)
+        state.add(zeros.ctypes.data + np.arange(2, dtype=np.int64) * zeros.strides[0], False, TILE)
+    finally:
+        state.close()
+
+
 class CellBins:
     """Where the absolute histogram's edges fall in the grid's cells. For every key: `first`, the
     slot of its cell's smallest value; `split`, the value from which the cell's values go to the
