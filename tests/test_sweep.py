@@ -188,3 +188,40 @@ def test_a_foreign_output_directory_is_refused(inputs, tmp_path):
     assert result.exit_code == 1
     assert result.output.strip() == f"Error: output {tmp_path} exists and is not a sweep directory (no sweep.json); " \
                                     "choose another"
+
+
+class CountingPool:
+    """A pool that records what is submitted to it and passes it on."""
+
+    def __init__(self, pool):
+        self.pool, self.submitted = pool, []
+
+    def submit(self, function, *args):
+        self.submitted.append(args[:2])
+        return self.pool.submit(function, *args)
+
+
+def test_a_worker_pool_evaluates_the_points_with_the_same_numbers_and_lines(inputs, tmp_path):
+    from taskvec.sweep.run import run_sweep
+    from taskvec.workers import worker_pool
+
+    root, finetuned = inputs
+    common = dict(base=root / "base", finetuned=finetuned, scales=[0.5, 1.0], seeds=[0, 1], ppl_texts=[TEXT],
+                  prompts=PROMPTS, scorer="profanity", device="cpu", progress=False,
+                  evaluation=dict(samples=2, max_new_tokens=4, max_length=32, stride=16))
+    alone, pooled = [], []
+    run_sweep(tmp_path / "alone", **common, echo=alone.append)
+    with worker_pool(2, preload=["taskvec.sweep.run"]) as pool:
+        counting = CountingPool(pool)
+        run_sweep(tmp_path / "pooled", **common, echo=pooled.append, pool=counting)
+    assert counting.submitted == [("base", 0.0), ("merged", 0.5), ("merged", 1.0), ("single", 0.5), ("single", 1.0)]
+    assert sorted(pooled) == sorted(alone) and len([line for line in alone if "mean toxicity" in line]) == 5
+    assert [line for line in pooled if "mean toxicity" in line] == [line for line in alone if "mean toxicity" in line]
+    assert read_csv(tmp_path / "pooled" / "sweep.csv") == read_csv(tmp_path / "alone" / "sweep.csv")
+    for point in (tmp_path / "alone" / "points").glob("*/scale-*/*"):
+        twin = tmp_path / "pooled" / point.relative_to(tmp_path / "alone")
+        for name in ("generations.jsonl",) if point.name != "perplexity" else ():
+            assert (twin / name).read_text() == (point / name).read_text()
+        assert json.loads((twin / "summary.json").read_text())["perplexity"] == \
+            json.loads((point / "summary.json").read_text())["perplexity"]
+    assert not any((tmp_path / "pooled" / "models").glob("*/scale-*"))  # deleted once evaluated, as without a pool

@@ -5,6 +5,8 @@ finishes, so that a rerun does only what is missing.
 Start-up dominates small evaluations (a CLI merge or eval pays seconds of imports each), which is
 why the whole grid runs here; each method's models come from one read of its inputs
 (taskvec.merge's multi-scale merge), and each model is loaded once for all its evaluations.
+Given a process pool (taskvec.workers), the points are evaluated there, side by side, while this
+process builds the next method's models; every number is the same as evaluated one by one.
 """
 
 from __future__ import annotations
@@ -14,7 +16,8 @@ import json
 import math
 import shutil
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from concurrent.futures import Executor, Future
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from taskvec import __version__
@@ -56,7 +59,7 @@ def run_sweep(output: str | Path, *, base: str | Path, finetuned: Sequence[str |
               ppl_texts: Sequence[str], prompts: Sequence[str], scorer: Scorer | str,
               evaluation: dict | None = None, settings: dict | None = None, keep_models: bool = False,
               device: str = "auto", progress: bool | None = None,
-              echo: Callable[[str], None] = print) -> SweepResult:
+              echo: Callable[[str], None] = print, pool: Executor | None = None) -> SweepResult:
     """Evaluate the base and every method x scale x seed into `output`; write sweep.csv and sweep.png.
 
     methods: 'merged' (negate the mean of all `finetuned`) and/or 'single' (negate `single`, by
@@ -65,6 +68,10 @@ def run_sweep(output: str | Path, *, base: str | Path, finetuned: Sequence[str |
     taskvec.eval.evaluate (samples, top_p, stride, ...), as `taskvec eval` takes them. settings:
     what else describes the evaluation (where the prompts came from), recorded in each summary.
     An existing sweep directory is resumed if its inputs and evaluation are the same.
+    pool: evaluate each point (a model's perplexity and seeds) as a task there, e.g. a
+    taskvec.workers pool of single-threaded processes; the scorer goes with every task, so it
+    should be a light one (profanity), and the tasks show no progress bars. The points' lines are
+    echoed in the same order as without a pool; a method's "building" line may come earlier.
     """
     methods, scales, seeds = check_grid(methods, scales, seeds)
     finetuned = [str(path) for path in finetuned]
@@ -80,9 +87,10 @@ def run_sweep(output: str | Path, *, base: str | Path, finetuned: Sequence[str |
                            "single": _where(single) if "single" in methods else None},
                 "evaluation": _plain(described)}
     record = _open_sweep(root, identity, methods, scales, seeds)
-    context = _Context(root, seeds, ppl_texts, prompts, scorer, evaluation, settings or {}, device, progress, echo)
+    context = _Context(root, seeds, ppl_texts, prompts, scorer, evaluation, settings or {}, device, progress)
+    points = _Points(root, context, pool, keep_models, echo)
     if not _point_finished(root, BASE, 0.0, seeds):
-        context.evaluate_point(BASE, 0.0, base)
+        points.evaluate(BASE, 0.0, base)
     for method in methods:
         todo = [scale for scale in scales if not _point_finished(root, method, scale, seeds)]
         missing = [scale for scale in todo if not model_dir(root, method, scale).is_dir()]
@@ -91,9 +99,8 @@ def run_sweep(output: str | Path, *, base: str | Path, finetuned: Sequence[str |
             echo(f"sweep: building {method} at scales {', '.join(f'{s:g}' for s in missing)} ({METHODS[method][1]})")
             _build(root, method, inputs, base, missing, progress)
         for scale in todo:
-            context.evaluate_point(method, scale, model_dir(root, method, scale))
-            if not keep_models:
-                shutil.rmtree(model_dir(root, method, scale))
+            points.evaluate(method, scale, model_dir(root, method, scale))
+    points.finish()
     rows = sweep_rows(read_points(root, record))
     write_csv(root / CSV, rows)
     plot = plot_sweep(rows, root / PLOT)
@@ -181,7 +188,40 @@ def _build(root: Path, method: str, inputs: list[str], base, scales: list[float]
     shutil.rmtree(building)
 
 
-@dataclass
+class _Points:
+    """Evaluates points now, or as pool tasks whose results are taken in order; echoes each
+    point's line and removes its model afterwards unless the models are kept."""
+
+    def __init__(self, root: Path, context: _Context, pool: Executor | None, keep_models: bool,
+                 echo: Callable[[str], None]) -> None:
+        self.root, self.pool, self.keep_models, self.echo = root, pool, keep_models, echo
+        self.context = context if pool is None else replace(context, progress=False)
+        self.pending: list[tuple[str, float, Future]] = []
+
+    def evaluate(self, method: str, scale: float, model: str | Path) -> None:
+        if self.pool is None:
+            self._done(method, scale, self.context.evaluate_point(method, scale, model))
+        else:
+            self.pending.append((method, scale, self.pool.submit(self.context.evaluate_point, method, scale, model)))
+
+    def finish(self) -> None:
+        pending, self.pending = self.pending, []
+        try:
+            for method, scale, future in pending:
+                self._done(method, scale, future.result())
+        except BaseException:
+            for _, _, future in pending:
+                future.cancel()
+            raise
+
+    def _done(self, method: str, scale: float, line: str | None) -> None:
+        if line:
+            self.echo(line)
+        if method != BASE and not self.keep_models:
+            shutil.rmtree(model_dir(self.root, method, scale))
+
+
+@dataclass(frozen=True)
 class _Context:
     """What every point's evaluations share."""
 
@@ -194,10 +234,10 @@ class _Context:
     settings: dict
     device: str
     progress: bool | None
-    echo: Callable[[str], None]
 
-    def evaluate_point(self, method: str, scale: float, model: str | Path) -> None:
-        """Perplexity once and toxicity per seed, whichever is not finished, loading the model once."""
+    def evaluate_point(self, method: str, scale: float, model: str | Path) -> str | None:
+        """Perplexity once and toxicity per seed, whichever is not finished, loading the model
+        once; the line that reports the new toxicity numbers (None if there were none)."""
         from taskvec.eval.model import load_model
         from taskvec.sweep.results import mean_and_sd
 
@@ -215,8 +255,9 @@ class _Context:
             if not finished(target):
                 toxicity.append(evaluate(model, target, ppl_texts=None, prompts=self.prompts, scorer=self.scorer,
                                          seed=seed, **common)["metrics"]["mean_toxicity"])
-        if toxicity:
-            mean, sd = mean_and_sd(toxicity)
-            spread = "" if sd is None else f" (SD {sd:.3f})"
-            self.echo(f"sweep: {method} at scale {scale:g}: perplexity {perplexity:.3f}, mean toxicity "
-                      f"{mean:.3f}{spread} over {len(toxicity)} new seed(s)")
+        if not toxicity:
+            return None
+        mean, sd = mean_and_sd(toxicity)
+        spread = "" if sd is None else f" (SD {sd:.3f})"
+        return (f"sweep: {method} at scale {scale:g}: perplexity {perplexity:.3f}, mean toxicity "
+                f"{mean:.3f}{spread} over {len(toxicity)} new seed(s)")
