@@ -56,14 +56,20 @@ def worker_pool(workers: int, *, threads: int | None = 1, preload: Sequence[str]
     pool.shutdown(wait=True)
 
 
+def in_order(futures: Sequence[Future]) -> Iterator:
+    """The futures' results in order, each as soon as it is there; on the first error (or if the
+    caller stops early) the ones not yet started are cancelled."""
+    try:
+        for future in futures:
+            yield future.result()
+    finally:
+        for future in futures:
+            future.cancel()  # a no-op for a finished or running one
+
+
 def results(futures: Sequence[Future]) -> list:
     """The futures' results in order; on the first error the ones not yet started are cancelled."""
-    try:
-        return [future.result() for future in futures]
-    except BaseException:
-        for future in futures:
-            future.cancel()
-        raise
+    return list(in_order(futures))
 
 
 def _start_worker(threads: int | None) -> None:

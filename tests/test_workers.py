@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from taskvec.errors import TaskvecError
-from taskvec.workers import default_workers, results, worker_pool
+from taskvec.workers import default_workers, in_order, results, worker_pool
 
 
 def test_tasks_run_in_other_processes_with_the_threads_asked_for():
@@ -36,6 +36,17 @@ def test_results_cancel_what_has_not_started_after_an_error():
     # the executor hands a worker's queue up to 2 tasks ahead: those can no longer be cancelled
     assert sum(future.cancelled() for future in futures) >= 5
     assert time.perf_counter() - started < 5
+
+
+def test_in_order_gives_each_result_as_it_comes_and_cancels_the_rest_when_left():
+    with worker_pool(1) as pool:
+        results([pool.submit(os.getpid)])  # the worker is up
+        futures = [pool.submit(time.sleep, 0.5) for _ in range(8)]
+        started = time.perf_counter()
+        for _ in in_order(futures):
+            break
+        waited = time.perf_counter() - started
+    assert waited < 2 and sum(future.cancelled() for future in futures) >= 4  # up to 3 were handed to the worker
 
 
 def test_bad_arguments_are_refused():
