@@ -123,9 +123,10 @@ class FineGrid:
         edges = self.lower_edges()
         result = torch.zeros(self.rows, binning.slots_count, dtype=torch.int64, device=self.device)
         zero_slot = int(binning.slots(torch.zeros(1, dtype=torch.float64, device=self.device)))
-        for row in range(self.rows):
-            result[row].index_add_(0, binning.slots(edges / scales[row]), self.counts[row])
-            result[row, zero_slot] += self.tiny[row]
+        slots = binning.slots(edges / scales.unsqueeze(1))  # (rows, cells): every row in one call
+        slots += torch.arange(self.rows, device=self.device).unsqueeze(1) * binning.slots_count
+        result.view(-1).index_add_(0, slots.view(-1), self.counts.reshape(-1))
+        result[:, zero_slot] += self.tiny
         return result
 
 

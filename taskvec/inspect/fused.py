@@ -402,13 +402,11 @@ class CellBins:
     def bin(self, hist: np.ndarray, keys: slice, halves: np.ndarray) -> None:
         """Add the cells keys (halves: rows x cells x 2 counts) to hist (rows x slots); the cells
         of `multi` keys were binned entry by entry."""
-        first, whole = self.first[keys], ~self.multi[keys]
-        for row in range(hist.shape[0]):  # float64 weights: exact integer sums below 2^53
-            for half in range(2):
-                counts = halves[row, :, half]
-                used = whole & (counts > 0)
-                hist[row] += np.bincount(first[used] + half, weights=counts[used],
-                                         minlength=self.slots_count).astype(np.int64)
+        rows, slots = hist.shape
+        index = self.first[keys][None, :, None] + np.arange(2) + (np.arange(rows) * slots)[:, None, None]
+        used = ~self.multi[keys][None, :, None] & (halves > 0)
+        counted = np.bincount(index[used], weights=halves[used], minlength=rows * slots)  # exact below 2^53
+        hist += counted.astype(np.int64).reshape(rows, slots)
 
 
 def _exact_slots(values: np.ndarray, edges: np.ndarray) -> np.ndarray:
