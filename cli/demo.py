@@ -14,10 +14,13 @@ from taskvec.cli.options import SEED
               help="A 2-layer model, a smaller corpus and a smaller sweep: a few minutes, a rougher result.")
 @click.option("--seed", type=SEED, default=0, show_default=True, help="Seed of the corpus, training and sampling.")
 @click.option("--threads", type=click.IntRange(min=1), default=1, show_default=True,
-              help="CPU threads for torch; a model this small gains little from more.")
+              help="CPU threads for torch, per process; a model this small gains little from more.")
+@click.option("--workers", type=click.IntRange(min=1), default=None,
+              help="Processes for the fine-tunes and evaluations, which run side by side; 1 runs all in "
+                   "one process  [default: one per CPU, at most 2].")
 @click.option("--overwrite", is_flag=True, help="Replace OUTPUT even if it is not a previous demo's workspace.")
 @click.option("--progress/--no-progress", default=None, help="Progress bars [default: only on a terminal].")
-def demo(output, splits, quick, seed, threads, overwrite, progress):
+def demo(output, splits, quick, seed, threads, workers, overwrite, progress):
     """Run the whole detoxification method offline on CPU, on a small model, in a few minutes.
 
     It generates its own texts (everyday English with a little toxicity, a mostly insulting
@@ -35,7 +38,7 @@ def demo(output, splits, quick, seed, threads, overwrite, progress):
     from taskvec.demo.pipeline import run_demo
 
     result = run_demo(output, splits=splits, quick=quick, seed=seed, overwrite=overwrite,
-                      threads=threads, echo=click.echo, progress=progress)
+                      threads=threads, workers=workers, echo=click.echo, progress=progress)
     click.echo("")
     click.echo(result.report)
     click.echo(f"\nPlot: {result.plot}   Report: {result.output / 'report.txt'}")

@@ -185,7 +185,7 @@ def test_output_rules(tmp_path, monkeypatch):
 
 
 @pytest.mark.parametrize("options, message", [
-    (["--splits", "1"], "--splits"), (["--threads", "0"], "--threads"),
+    (["--splits", "1"], "--splits"), (["--threads", "0"], "--threads"), (["--workers", "0"], "--workers"),
 ])
 def test_cli_rejects_bad_arguments_before_writing(tmp_path, options, message):
     result = CliRunner().invoke(main, ["demo", "-o", str(tmp_path / "out"), *options])
@@ -194,7 +194,7 @@ def test_cli_rejects_bad_arguments_before_writing(tmp_path, options, message):
 
 
 def test_library_rejects_bad_arguments_before_writing(tmp_path):
-    for kwargs, message in (({"splits": 1}, "splits"), ({"threads": 0}, "threads"),
+    for kwargs, message in (({"splits": 1}, "splits"), ({"threads": 0}, "threads"), ({"workers": 0}, "workers"),
                             ({"splits": 301, "quick": True}, "exceeds the 300 toxic documents")):
         with pytest.raises(TaskvecError, match=message):
             run_demo(tmp_path / "out", **kwargs, echo=lambda _: None)
@@ -208,6 +208,13 @@ def test_cli_refuses_a_foreign_directory(tmp_path):
     assert result.output.strip() == (f"Error: output {tmp_path} exists and is not a taskvec demo directory; "
                                      "pass --overwrite to replace it")
     assert (tmp_path / "data.bin").read_bytes() == b"x"
+
+
+@pytest.fixture
+def restore_threads():
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
 
 
 # --- end to end --------------------------------------------------------------------------------
@@ -330,3 +337,35 @@ def test_the_documented_eval_command_repeats_the_demo_perplexity(quick_run, tmp_
     again = json.loads((tmp_path / "ev" / "summary.json").read_text())["perplexity"]
     point = output / "sweep" / "points" / "merged" / "scale-0.5" / "perplexity" / "summary.json"
     assert again == json.loads(point.read_text())["perplexity"]
+
+
+@pytest.mark.slow
+def test_quick_run_works_side_by_side_with_the_numbers_of_one_process(quick_run, tmp_path, restore_threads):
+    """The fine-tunes and evaluations ran in worker processes; split 1 trained here and a sweep
+    point's seed sampled here give the same weights and the same generations."""
+    from taskvec.demo.pipeline import _train_config
+    from taskvec.demo.settings import QUICK
+    from taskvec.eval import evaluate
+    from taskvec.train import train_splits
+    from taskvec.workers import default_workers
+
+    output, printed = quick_run
+    record = json.loads((output / MARKER).read_text())
+    assert record["workers"] == default_workers()
+    if record["workers"] > 1:
+        assert f"Fine-tuning the base on each of the 3 toxic splits, {record['workers']} at a time" in printed
+    config = _train_config(QUICK, QUICK.finetune_lr, QUICK.finetune_epochs, 0, QUICK.toxic_docs // 3)
+    torch.set_num_threads(1)  # as in the demo's processes (restore_threads puts it back)
+    here, = train_splits(output / "models" / "base", output / "data" / "toxic-splits", tmp_path / "ft", config,
+                         split_index=1, progress=False)
+    theirs, mine = load_dir(output / "models" / "finetuned" / "split-01"), load_dir(here)
+    assert theirs.keys() == mine.keys() and all(torch.equal(theirs[k], mine[k]) for k in mine)
+
+    point = output / "sweep" / "points" / "merged" / "scale-0.5" / "seed-1"
+    settings = json.loads((point / "summary.json").read_text())["settings"]
+    prompts = (output / "data" / "prompts.txt").read_text().splitlines()
+    evaluate(output / "sweep" / "models" / "merged" / "scale-0.5", tmp_path / "ev", ppl_texts=None, prompts=prompts,
+             scorer="profanity", device="cpu", progress=False,
+             **{key: settings[key] for key in ("samples", "max_new_tokens", "top_p", "top_k", "temperature",
+                                               "batch_size", "seed")})
+    assert (tmp_path / "ev" / "generations.jsonl").read_text() == (point / "generations.jsonl").read_text()

@@ -8,6 +8,10 @@ size are the demo's own. The output directory is a workspace that keeps every in
 product, each written atomically by the stage that makes it, so a user can inspect or reuse them
 with the other `taskvec` commands. A marker file says the directory is the demo's, so that rerunning the demo
 may replace it while any other directory is refused unless overwriting was asked for.
+
+The independent work, the N fine-tunes and the sweep's evaluations, runs in single-threaded
+worker processes (taskvec.workers), one per core by default: the numbers are the same as with
+`workers=1`, which runs everything in this process.
 """
 
 from __future__ import annotations
@@ -15,7 +19,9 @@ from __future__ import annotations
 import json
 import shutil
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from concurrent.futures import Executor
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -33,6 +39,9 @@ single: base - scale * (fine-tune of split 0 - base), one task vector (the basel
 merged: base - scale * (mean of the N fine-tunes - base)
 SD:     standard deviation of mean toxicity over the sampling seeds"""
 STAGES = 7
+# What the workers' fork server imports once: training, evaluation, the model class, the scorer.
+PRELOAD = ("taskvec.train", "taskvec.sweep.run", "taskvec.eval.sampling", "taskvec.eval.likelihood",
+           "transformers.models.gpt2.modeling_gpt2", "profanity_check")
 
 
 @dataclass(frozen=True)
@@ -64,31 +73,58 @@ def prepare_output(output: Path, overwrite: bool) -> None:
 
 def run_demo(output: str | Path = "taskvec-demo", *, splits: int = 5,
              quick: bool = False, seed: int = 0, overwrite: bool = False,
-             threads: int | None = 1, settings: DemoSettings | None = None,
+             threads: int | None = 1, workers: int | None = None, settings: DemoSettings | None = None,
              echo: Callable[[str], None] = print, progress: bool | None = None) -> DemoResult:
     """Train, fine-tune, sweep the scale for merged and single, compare them at matched
     toxicity; return the tables and the verdict.
 
-    threads: torch CPU threads while the demo runs (None: leave torch's setting). One is the
-    default because a model this small gains little from more, and loses a lot when the cores
-    are busy with other work (threads then wait for each other at every operation).
+    threads: torch CPU threads while the demo runs, in this process and in each worker (None:
+    leave torch's setting). One is the default because a model this small gains little from
+    more, and loses a lot when the cores are busy with other work (threads then wait for each
+    other at every operation). workers: processes for the fine-tunes and the evaluations
+    (None: one per CPU, at most 2; 1: all in this process).
     settings: sizes and hyper-parameters (default: `DEFAULT`, or `QUICK` with quick=True).
     echo: where stage messages go. progress: tqdm bars (None: only on a terminal).
     """
     import torch
 
+    from taskvec.workers import default_workers
+
+    settings = settings or (QUICK if quick else DEFAULT)
+    if threads is not None and threads < 1:
+        raise TaskvecError(f"--threads must be at least 1, got {threads}")
+    workers = default_workers() if workers is None else workers
+    if workers < 1:
+        raise TaskvecError(f"--workers must be at least 1, got {workers}")
+    if splits < 2:
+        raise TaskvecError(f"--splits must be at least 2 (averaging needs several fine-tunes), got {splits}")
+    if splits > settings.toxic_docs:
+        raise TaskvecError(f"--splits {splits} exceeds the {settings.toxic_docs} toxic documents")
+    output = Path(output)
+    prepare_output(output, overwrite)
     previous = torch.get_num_threads()
     if threads is not None:
-        if threads < 1:
-            raise TaskvecError(f"--threads must be at least 1, got {threads}")
         torch.set_num_threads(threads)
     try:
-        return _run(Path(output), splits, settings or (QUICK if quick else DEFAULT), seed, overwrite, echo, progress)
+        with _workers(workers, threads) as pool:
+            return _run(output, splits, settings, seed, workers, pool, echo, progress)
     finally:
         torch.set_num_threads(previous)
 
 
-def _run(output: Path, splits: int, settings: DemoSettings, seed: int, overwrite: bool,
+@contextmanager
+def _workers(workers: int, threads: int | None) -> Iterator[Executor | None]:
+    """The worker pool, started now so that its imports overlap the first stages; None for one worker."""
+    if workers == 1:
+        yield None
+        return
+    from taskvec.workers import worker_pool
+
+    with worker_pool(workers, threads=threads, preload=PRELOAD) as pool:
+        yield pool
+
+
+def _run(output: Path, splits: int, settings: DemoSettings, seed: int, workers: int, pool: Executor | None,
          echo: Callable[[str], None], progress: bool | None) -> DemoResult:
     from taskvec.demo.vectors import compare_vectors
     from taskvec.eval import evaluate, get_scorer
@@ -98,16 +134,13 @@ def _run(output: Path, splits: int, settings: DemoSettings, seed: int, overwrite
     from taskvec.sweep.report import format_matched
     from taskvec.sweep.run import run_sweep
     from taskvec.sweep.table import format_means
-    from taskvec.train import finetune, train_splits
+    from taskvec.train import finetune
+    from taskvec.workers import results
 
-    if splits < 2:
-        raise TaskvecError(f"--splits must be at least 2 (averaging needs several fine-tunes), got {splits}")
-    if splits > settings.toxic_docs:
-        raise TaskvecError(f"--splits {splits} exceeds the {settings.toxic_docs} toxic documents")
-    prepare_output(output, overwrite)
     seeds = [seed + k for k in range(settings.sampling_seeds)]
     record = {"format": "taskvec-demo/2", "taskvec_version": __version__, "status": "running",
-              "splits": splits, "seed": seed, "sampling_seeds": seeds, "settings": asdict(settings)}
+              "splits": splits, "seed": seed, "sampling_seeds": seeds, "workers": workers,
+              "settings": asdict(settings)}
     _write_json(output / MARKER, record)
     stage = _Stages(echo)
 
@@ -128,11 +161,11 @@ def _run(output: Path, splits: int, settings: DemoSettings, seed: int, overwrite
                     _train_config(settings, settings.pretrain_lr, settings.pretrain_epochs, seed,
                                   len(corpus.pretrain)), progress=progress)
 
-    stage(f"Fine-tuning the base on each of the {splits} toxic splits")
-    finetuned = train_splits(base, data / "toxic-splits", output / "models" / "finetuned",
-                             _train_config(settings, settings.finetune_lr, settings.finetune_epochs, seed,
-                                           len(corpus.toxic) // splits),
-                             progress=progress)
+    side_by_side = f", {workers} at a time" if pool is not None else ""
+    stage(f"Fine-tuning the base on each of the {splits} toxic splits{side_by_side}")
+    finetuned = _finetune_splits(base, data / "toxic-splits", output / "models" / "finetuned", splits,
+                                 _train_config(settings, settings.finetune_lr, settings.finetune_epochs, seed,
+                                               len(corpus.toxic) // splits), pool, progress)
 
     stage(f"Measuring the {splits} task vectors and their mean (taskvec inspect)")
     inspected = inspect_checkpoints(base, finetuned, output=output / "inspect", progress=progress)
@@ -143,13 +176,19 @@ def _run(output: Path, splits: int, settings: DemoSettings, seed: int, overwrite
     evaluation = dict(samples=settings.samples, max_new_tokens=settings.max_new_tokens,
                       max_length=settings.ppl_window, stride=settings.ppl_window // 2)
     stage(f"Sweeping the scale ({', '.join(f'{s:g}' for s in settings.scales)}) for merged (the mean of "
-          f"{splits}) and single (split 0), toxicity at {len(seeds)} sampling seeds")
+          f"{splits}) and single (split 0), toxicity at {len(seeds)} sampling seeds{side_by_side}")
+    finetuned_eval = dict(ppl_texts=None, prompts=corpus.prompts, scorer=scorer, seed=seed, device="cpu", **evaluation)
+    if pool is not None:  # a worker evaluates split 0's fine-tune while this process builds the sweep's models
+        finetuned_summary = pool.submit(evaluate, finetuned[0], output / "eval" / "finetuned", progress=False,
+                                        **finetuned_eval)
     sweep = run_sweep(output / "sweep", base=base, finetuned=finetuned, scales=settings.scales, seeds=seeds,
                       ppl_texts=[heldout], prompts=corpus.prompts, scorer=scorer, evaluation=evaluation,
-                      keep_models=True, device="cpu", progress=progress, echo=echo)
-    finetuned_toxicity = evaluate(finetuned[0], output / "eval" / "finetuned", ppl_texts=None, prompts=corpus.prompts,
-                                  scorer=scorer, seed=seed, device="cpu", progress=progress,
-                                  **evaluation)["metrics"]["mean_toxicity"]
+                      keep_models=True, device="cpu", progress=progress, echo=echo, pool=pool)
+    if pool is None:
+        summary = evaluate(finetuned[0], output / "eval" / "finetuned", progress=progress, **finetuned_eval)
+    else:
+        summary, = results([finetuned_summary])
+    finetuned_toxicity = summary["metrics"]["mean_toxicity"]
     echo(f"      finetuned (split 0): mean toxicity {finetuned_toxicity:.3f}")
 
     stage("Comparing merged and single at matched toxicity")
@@ -169,6 +208,24 @@ def _run(output: Path, splits: int, settings: DemoSettings, seed: int, overwrite
                   checks=[asdict(c) for c in checks], passed=all(c.passed for c in checks))
     _write_json(output / MARKER, record)
     return DemoResult(output, sweep.rows, matched, checks, report, plot)
+
+
+def _finetune_splits(base: Path, splits_dir: Path, output: Path, splits: int, config, pool: Executor | None,
+                     progress: bool | None) -> list[Path]:
+    """`train_splits` in this process, or one split per worker task (`split_index`: the same weights)."""
+    from taskvec.progress import progress_bar
+    from taskvec.train import train_splits
+    from taskvec.workers import in_order
+
+    if pool is None:
+        return train_splits(base, splits_dir, output, config, progress=progress)
+    futures = [pool.submit(train_splits, base, splits_dir, output, config, k, progress=False) for k in range(splits)]
+    paths = []
+    with progress_bar(progress, total=splits, desc="splits", unit="split") as bar:
+        for (path,) in in_order(futures):
+            paths.append(path)
+            bar.update()
+    return paths
 
 
 class _Stages:
