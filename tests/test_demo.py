@@ -11,7 +11,7 @@ from click.testing import CliRunner
 
 from taskvec.cli import main
 from taskvec.demo.corpus import SLOT, expand, grammar, make_corpus
-from taskvec.demo.model import train_tokenizer
+from taskvec.demo.model import ModelSize, train_tokenizer, write_untrained_model
 from taskvec.demo.pipeline import MARKER, prepare_output, run_demo
 from taskvec.demo.vectors import compare_vectors
 from taskvec.demo.verdict import WELL_BELOW, judge, summarize
@@ -84,6 +84,18 @@ def test_tokenizer_round_trips_and_ends_texts_with_eos():
         assert tokenizer.decode(tokenizer(text)["input_ids"]) == text
     assert tokenizer.eos_token == tokenizer.pad_token == "<|endoftext|>"
     assert tokenizer.convert_tokens_to_ids("<|endoftext|>") == tokenizer.eos_token_id
+
+
+def test_the_model_computes_gpt2s_gelu_with_the_fused_operation(tmp_path):
+    from transformers import GPT2LMHeadModel
+    from transformers.activations import NewGELUActivation
+
+    corpus = make_corpus(**SIZES)
+    size = ModelSize(n_layer=1, n_embd=32, n_head=2, vocab_size=300, n_positions=64)
+    model = GPT2LMHeadModel.from_pretrained(write_untrained_model(tmp_path / "m", corpus.pretrain, size, seed=0))
+    assert model.config.activation_function == "gelu_pytorch_tanh"
+    x = torch.linspace(-8, 8, 10001)
+    assert torch.allclose(model.transformer.h[0].mlp.act(x), NewGELUActivation()(x), rtol=0, atol=1e-6)
 
 
 # --- verdict -----------------------------------------------------------------------------------

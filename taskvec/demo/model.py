@@ -53,6 +53,9 @@ def write_untrained_model(output: Path, texts: list[str], size: ModelSize, seed:
 
     tokenizer = train_tokenizer(texts, size.vocab_size)
     config = GPT2Config(
+        # GPT-2's tanh approximation of GELU as one fused torch operation instead of gelu_new's
+        # seven: the same function, and on CPU a tenth less time to train and sample this model
+        activation_function="gelu_pytorch_tanh",
         vocab_size=len(tokenizer),
         n_positions=size.n_positions,
         n_embd=size.n_embd,
