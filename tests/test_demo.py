@@ -375,6 +375,7 @@ def test_quick_run_works_side_by_side_with_the_numbers_of_one_process(quick_run,
 
     point = output / "sweep" / "points" / "merged" / "scale-0.5" / "seed-1"
     settings = json.loads((point / "summary.json").read_text())["settings"]
+    assert settings["batch_size"] == QUICK.generation_batch >= QUICK.prompts * QUICK.samples  # one batch a seed
     prompts = (output / "data" / "prompts.txt").read_text().splitlines()
     evaluate(output / "sweep" / "models" / "merged" / "scale-0.5", tmp_path / "ev", ppl_texts=None, prompts=prompts,
              scorer="profanity", device="cpu", progress=False,

@@ -174,7 +174,8 @@ def _run(output: Path, splits: int, settings: DemoSettings, seed: int, workers: 
 
     scorer = get_scorer("profanity")
     evaluation = dict(samples=settings.samples, max_new_tokens=settings.max_new_tokens,
-                      max_length=settings.ppl_window, stride=settings.ppl_window // 2)
+                      batch_size=settings.generation_batch, max_length=settings.ppl_window,
+                      stride=settings.ppl_window // 2)
     stage(f"Sweeping the scale ({', '.join(f'{s:g}' for s in settings.scales)}) for merged (the mean of "
           f"{splits}) and single (split 0), toxicity at {len(seeds)} sampling seeds{side_by_side}")
     finetuned_eval = dict(ppl_texts=None, prompts=corpus.prompts, scorer=scorer, seed=seed, device="cpu", **evaluation)
