@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import multiprocessing
 import os
+import threading
 from collections.abc import Iterator, Sequence
 from concurrent.futures import Future, ProcessPoolExecutor
 from contextlib import contextmanager
@@ -36,8 +37,9 @@ def worker_pool(workers: int, *, threads: int | None = 1, preload: Sequence[str]
 
     preload: modules the fork server imports once, before any worker forks from it (only the
     first pool of a process starts the server; later ones share it). The workers start at once,
-    in the background. On leaving the block the pool waits for its running tasks; after an error
-    (or Ctrl-C) it first cancels the tasks not yet started.
+    in the background: entering the block does not wait for the server's imports. On leaving
+    the block the pool waits for its running tasks; after an error (or Ctrl-C) it first cancels
+    the tasks not yet started.
     """
     if workers < 1:
         raise TaskvecError(f"workers must be at least 1, got {workers}")
@@ -46,13 +48,17 @@ def worker_pool(workers: int, *, threads: int | None = 1, preload: Sequence[str]
     context = multiprocessing.get_context("forkserver")
     context.set_forkserver_preload(["taskvec.workers", *preload])
     pool = ProcessPoolExecutor(workers, mp_context=context, initializer=_start_worker, initargs=(threads,))
+    # Starting a process waits for the fork server to finish its imports: that happens on a
+    # thread, so the caller goes on with its own work (its own imports, say) meanwhile.
+    starter = threading.Thread(target=_start_processes, args=(pool, workers), name="taskvec-workers", daemon=True)
+    starter.start()
     try:
-        for _ in range(workers):  # the pool starts a process per task until it has `workers`
-            pool.submit(os.getpid)
         yield pool
     except BaseException:
+        starter.join()
         pool.shutdown(wait=True, cancel_futures=True)
         raise
+    starter.join()
     pool.shutdown(wait=True)
 
 
@@ -70,6 +76,11 @@ def in_order(futures: Sequence[Future]) -> Iterator:
 def results(futures: Sequence[Future]) -> list:
     """The futures' results in order; on the first error the ones not yet started are cancelled."""
     return list(in_order(futures))
+
+
+def _start_processes(pool: ProcessPoolExecutor, workers: int) -> None:
+    for _ in range(workers):  # the pool starts a process per task until it has `workers`
+        pool.submit(os.getpid)
 
 
 def _start_worker(threads: int | None) -> None:

@@ -18,6 +18,27 @@ def test_tasks_run_in_other_processes_with_the_threads_asked_for():
     assert threads == [1] * 4
 
 
+def test_the_pool_is_there_before_the_fork_server_has_imported_its_modules(tmp_path):
+    """A fresh interpreter (its own fork server) preloading a module that takes 3 s to import."""
+    import subprocess
+    import sys
+
+    (tmp_path / "slow_module.py").write_text("import time\ntime.sleep(3)\n")
+    script = ("import os, time\n"
+              "from taskvec.workers import worker_pool\n"
+              "started = time.perf_counter()\n"
+              "with worker_pool(2, preload=['slow_module']) as pool:\n"
+              "    entered = time.perf_counter() - started\n"
+              "    pid = pool.submit(os.getpid).result()\n"
+              "    done = time.perf_counter() - started\n"
+              "print(entered, done, pid != os.getpid())\n")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")])}
+    result = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    entered, done, elsewhere = result.stdout.split()
+    assert float(entered) < 1.5 and float(done) >= 3 and elsewhere == "True"
+
+
 def test_an_error_in_a_worker_comes_back_as_itself():
     from taskvec.data import read_jsonl
 
