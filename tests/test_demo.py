@@ -4,6 +4,7 @@ the whole method end to end at the quick size (the same code paths as a real run
 import json
 import random
 import re
+import time
 
 import pytest
 import torch
@@ -236,8 +237,11 @@ def restore_threads():
 def quick_run(tmp_path_factory):
     """`taskvec demo --quick --splits 3` through the CLI, as a user runs it."""
     output = tmp_path_factory.mktemp("demo") / "taskvec-demo"
+    started = time.perf_counter()
     result = CliRunner().invoke(main, ["demo", "--quick", "--splits", "3", "-o", str(output)])
     assert result.exit_code == 0, result.output
+    wall = time.perf_counter() - started
+    assert json.loads((output / MARKER).read_text())["seconds"] > 0.95 * wall  # imports and workers counted too
     return output, result.output
 
 

@@ -86,6 +86,7 @@ def run_demo(output: str | Path = "taskvec-demo", *, splits: int = 5,
     settings: sizes and hyper-parameters (default: `DEFAULT`, or `QUICK` with quick=True).
     echo: where stage messages go. progress: tqdm bars (None: only on a terminal).
     """
+    stage = _Stages(echo)  # the times it prints count the imports too
     import torch
 
     from taskvec.workers import default_workers
@@ -107,7 +108,7 @@ def run_demo(output: str | Path = "taskvec-demo", *, splits: int = 5,
         torch.set_num_threads(threads)
     try:
         with _workers(workers, threads) as pool:
-            return _run(output, splits, settings, seed, workers, pool, echo, progress)
+            return _run(output, splits, settings, seed, workers, pool, stage, echo, progress)
     finally:
         torch.set_num_threads(previous)
 
@@ -125,7 +126,7 @@ def _workers(workers: int, threads: int | None) -> Iterator[Executor | None]:
 
 
 def _run(output: Path, splits: int, settings: DemoSettings, seed: int, workers: int, pool: Executor | None,
-         echo: Callable[[str], None], progress: bool | None) -> DemoResult:
+         stage: _Stages, echo: Callable[[str], None], progress: bool | None) -> DemoResult:
     from taskvec.demo.vectors import compare_vectors
     from taskvec.eval import evaluate, get_scorer
     from taskvec.inspect import inspect_checkpoints
@@ -142,7 +143,6 @@ def _run(output: Path, splits: int, settings: DemoSettings, seed: int, workers: 
               "splits": splits, "seed": seed, "sampling_seeds": seeds, "workers": workers,
               "settings": asdict(settings)}
     _write_json(output / MARKER, record)
-    stage = _Stages(echo)
 
     stage("Writing the corpus: clean text with a little toxicity, a toxic corpus, prompts")
     corpus = make_corpus(pretrain_docs=settings.pretrain_docs, heldout_docs=settings.heldout_docs,
@@ -230,7 +230,7 @@ def _finetune_splits(base: Path, splits_dir: Path, output: Path, splits: int, co
 
 
 class _Stages:
-    """Numbered stage messages, each with the time spent before it."""
+    """Numbered stage messages, each with the time spent before it (from the start of run_demo)."""
 
     def __init__(self, echo: Callable[[str], None]) -> None:
         self.echo, self.number, self.started = echo, 0, time.perf_counter()
