@@ -15,6 +15,7 @@ from pathlib import Path
 
 from taskvec.errors import TaskvecError
 from taskvec.io.safetensors_file import OutputSpec, encode_header
+from taskvec.io.writeback import start_writeback
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
@@ -104,6 +105,7 @@ class ShardWriter:
         """Write `data` at byte `start` of tensor `name`."""
         fd, offset = self._where[name]
         _pwrite_all(fd, data, offset + start)
+        start_writeback(fd, offset + start, len(data))
 
     def close(self, complete: bool = True) -> None:
         """Flush the data, then write and flush the headers, and the index when there is more
