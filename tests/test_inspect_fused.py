@@ -8,6 +8,7 @@ zeros of both signs, subnormal task vectors (float64 inputs), NaN and infinities
 vectors than the torch path's sign codes take (it compares signs directly there).
 """
 
+import json
 import math
 
 import numpy as np
@@ -122,6 +123,18 @@ def test_fused_equals_torch_for_one_and_many_vectors(tmp_path, monkeypatch, n):
     ours, theirs = both_engines(monkeypatch, base, finetuned, chunk_size=2000)
     same(ours, theirs)
     assert len(ours["vectors"]) == n + (n >= 2)
+
+
+def test_grid_counts_moved_to_int64_before_int32_could_overflow(tmp_path, monkeypatch):
+    """The grid counts in int32 and moves its counts to int64 every GRID_LIMIT entries of a
+    tensor: with a limit of 50 the moves happen within most tensors, and nothing changes."""
+    base, finetuned = write_models(tmp_path, torch.float64, 3, exact=True)
+    monkeypatch.setattr(fused, "GRID_LIMIT", 50)
+    moved, theirs = both_engines(monkeypatch, base, finetuned, chunk_size=100)
+    same(moved, theirs)
+    monkeypatch.setattr(fused, "GRID_LIMIT", 2**31 - 1)
+    unmoved = inspect_checkpoints(base, finetuned, progress=False, chunk_size=100)
+    assert json.dumps(moved, sort_keys=True) == json.dumps(unmoved, sort_keys=True)  # NaN included
 
 
 @pytest.mark.parametrize(("log_bins", "bins"), [(False, 61), (True, 61), (False, 1500)])

@@ -7,7 +7,10 @@ of TILE elements: the task vectors (tau_i = ft_i - base, their mean, M - base) a
 from each input's row read at its address (a mapped file's page cache or a stacked buffer),
 into a float64 tile that stays in the core's cache, and a few tight loops over it add to every
 accumulator: sums of tau, |tau| and |tau|^p, the Gram matrix, extremes, zeros, sign agreement,
-absolute thresholds, the relative grid, the absolute histogram and the base's spread. The
+absolute thresholds, the relative grid, the absolute histogram and the base's spread. Counts and
+extremes come from the entries' bits by integer operations (they vectorize, where float
+comparisons with NaN's rules did not), signs as bits (64 entries a word: agreement is popcounts),
+the grid in int32 (half the cache its scattered increments touch). The
 histogram is counted per half grid cell (the grid is counted anyway; an edge of the histogram
 splits a cell in two) and each half binned once when its tensor closes; only entries of the
 cells two edges cut (with many bins) are binned one by one. A slice is split into one block per
@@ -39,8 +42,11 @@ KEYS = 1 << (63 - _SHIFT)  # every key of a float64 >= 0, NaN's included
 _MAGNITUDE = np.int64(0x7FFFFFFFFFFFFFFF)
 _NORMAL = np.int64(_FIRST_NORMAL << _SHIFT)  # the bits of the smallest normal float64
 _NO_KEY = _MAGNITUDE  # no smaller |tau| seen: its key, KEYS - 1, is at least every key seen
+_INF = np.int64(0x7FF0000000000000)  # the bits of inf: larger |t| bits are NaN's
+_NOTHING_ABOVE, _NOTHING_BELOW = np.iinfo(np.int64).min, np.iinfo(np.int64).max  # extremes of no entry
+GRID_LIMIT = 2**31 - 1  # entries a tensor adds to the int32 grid before it is added to the int64 one
 
-# sums[..., k]: tau, |tau|, |tau|^p; extremes[..., k]: max, min
+# sums[..., k]: tau, |tau|, |tau|^p; ordered[..., k]: max, min as order-preserving integers
 _SUM, _ABS, _POW = range(3)
 
 
@@ -142,62 +148,96 @@ def _moments(tau, m, power, sums, gram):
             gram[w, r] += dot
 
 
-@numba.njit(nogil=True, cache=True, fastmath={"nnan", "nsz"})
-def _extremes(values, m, mx, mn):
-    """Max and min of values[:m] (vectorised: NaN is detected apart, and then wins)."""
-    for j in range(m):
-        mx = max(mx, values[j])
-        mn = min(mn, values[j])
-    return mx, mn
+@numba.njit(nogil=True, cache=True, inline="always")
+def _reduce_bits(b, zero, nan, high, low, top, bottom):
+    """One entry's float64 bits added to the row's integer reductions: zeros, NaNs, the largest
+    |t| bits, the smallest normal |t| bits, and the extremes as order-preserving integers."""
+    a = b & _MAGNITUDE
+    ordered = b ^ ((b >> 63) & _MAGNITUDE)  # as signed integers, ordered as the floats are
+    return (zero + (a == 0), nan + (a > _INF), max(high, a), min(low, a if a >= _NORMAL else _NO_KEY),
+            max(top, ordered), min(bottom, ordered))
+
+
+@numba.njit(nogil=True, cache=True, inline="always")
+def _sign_bits(b):
+    """Whether the float64 with bits b is > 0, and whether it is < 0 (NaN: neither)."""
+    a = b & _MAGNITUDE
+    finite = a <= _INF
+    return np.uint64((b > 0) & finite), np.uint64((b < 0) & (a != 0) & finite)
 
 
 @numba.njit(nogil=True, cache=True)
-def _counts(tau, m, thresholds, split, lower, upper, first, per_unit, log_bins, extremes, zeros, below, hist, grid,
-            key_low, key_high, sign, cut):
-    """Extremes, zeros, threshold counts, each entry's sign (1, -1, 0 for zero or NaN) into
-    `sign`, and the grid: each entry counted in its cell's lower or upper half, the halves an
-    edge of the absolute histogram splits (`split`: that edge; NaN where none does; -inf where
-    two or more do, only with many bins: those entries are binned one by one), so that the
-    histogram comes from the cells when the tensor closes. Keys below 256 are zero or
-    subnormal: one cell, summed when the tensor closes. Branch-free where it can be: all but
-    the grid's loop vectorize."""
+def _counts(tau, m, threshold_bits, ordered, nans, zeros, below, key_low, key_high, positive, negative):
+    """Extremes, NaNs, zeros, threshold counts, the key range, and each entry's sign as one bit
+    of `positive` or `negative` (64 entries a word; zero and NaN set neither): all from the
+    entries' bits with integer operations, which vectorize (|t| < c is a comparison of bits for
+    c > 0, NaN's bits being above every finite value's)."""
     rows = tau.shape[0]
-    top = hist.shape[1] - 1
+    full = m // 64
     for r in range(rows):
-        values, signs = tau[r], sign[r]
-        bits = values.view(np.int64)
-        nan = extremes[r, 0] != extremes[r, 0]
-        mx, mn = _extremes(values, m, extremes[r, 0], extremes[r, 1])
-        zero, high, low = 0, np.int64(0), _NO_KEY
+        bits = tau[r].view(np.int64)
+        zero, nan, high, low = 0, 0, np.int64(0), _NO_KEY
+        top, bottom = ordered[r, 0], ordered[r, 1]
         for j in range(m):
-            t = values[j]
-            signs[j] = np.int8(t > 0) - np.int8(t < 0)
-            zero += t == 0
-            nan |= t != t
-            magnitude = bits[j] & _MAGNITUDE  # |t|'s bits: ordered as |t| is
-            high = max(high, magnitude)
-            low = min(low, magnitude if magnitude >= _NORMAL else _NO_KEY)
-        extremes[r, 0], extremes[r, 1] = (np.nan, np.nan) if nan else (mx, mn)
+            zero, nan, high, low, top, bottom = _reduce_bits(bits[j], zero, nan, high, low, top, bottom)
+        for w in range(full + (full * 64 < m)):
+            plus, minus = np.uint64(0), np.uint64(0)
+            for bit in range(min(64, m - w * 64)):
+                up, down = _sign_bits(bits[w * 64 + bit])
+                plus |= up << np.uint64(bit)
+                minus |= down << np.uint64(bit)
+            positive[r, w], negative[r, w] = plus, minus
+        for k in range(threshold_bits.shape[0]):
+            limit = threshold_bits[k]
+            count = 0
+            for j in range(m):
+                count += (bits[j] & _MAGNITUDE) < limit
+            below[r, k] += count
+        ordered[r, 0], ordered[r, 1] = top, bottom
+        nans[r] += nan
         zeros[r] += zero
         key_high[r] = max(key_high[r], high >> _SHIFT)
         key_low[r] = min(key_low[r], low >> _SHIFT)
-        for k in range(thresholds.shape[0]):
-            threshold = thresholds[k]
-            count = 0
+
+
+@numba.njit(nogil=True, cache=True)
+def _grid(tau, m, split, lower, upper, first, per_unit, log_bins, hist, grid, cut):
+    """The grid: each entry counted in its cell's lower or upper half, the halves an edge of the
+    absolute histogram splits (`split`: that edge; NaN where none does; -inf where two or more
+    do, only with many bins: those entries are binned one by one), so that the histogram comes
+    from the cells when the tensor closes. Keys below 256 are zero or subnormal: one cell,
+    summed when the tensor closes. Two rows a loop: their increments are independent."""
+    rows = tau.shape[0]
+    top = hist.shape[1] - 1
+    for r in range(0, rows, 2):
+        last = min(r + 1, rows - 1)  # an odd last row is counted alone
+        v0, v1 = tau[r], tau[last]
+        b0, b1 = v0.view(np.int64), v1.view(np.int64)
+        c0, c1 = grid[r], grid[last]
+        n0, n1 = 0, 0
+        if last == r:
             for j in range(m):
-                count += abs(values[j]) < threshold
-            below[r, k] += count
-        cells = grid[r]
-        n_cut = 0
-        for j in range(m):
-            key = (bits[j] & _MAGNITUDE) >> _SHIFT  # |t|'s exponent and top mantissa bits
-            edge = split[key]
-            cells[2 * key + (abs(values[j]) >= edge)] += 1
-            cut[n_cut] = j
-            n_cut += edge < 0.0
-        for c in range(n_cut):
-            j = cut[c]
-            hist[r, _slot(abs(values[j]), lower, upper, first, per_unit, log_bins, top)] += 1
+                k0 = (b0[j] & _MAGNITUDE) >> _SHIFT
+                e0 = split[k0]
+                c0[2 * k0 + (abs(v0[j]) >= e0)] += 1
+                cut[0, n0] = j
+                n0 += e0 < 0.0
+        else:
+            for j in range(m):
+                k0 = (b0[j] & _MAGNITUDE) >> _SHIFT
+                k1 = (b1[j] & _MAGNITUDE) >> _SHIFT
+                e0, e1 = split[k0], split[k1]
+                c0[2 * k0 + (abs(v0[j]) >= e0)] += 1
+                c1[2 * k1 + (abs(v1[j]) >= e1)] += 1
+                cut[0, n0] = j
+                cut[1, n1] = j
+                n0 += e0 < 0.0
+                n1 += e1 < 0.0
+        for c in range(n0):
+            hist[r, _slot(abs(v0[cut[0, c]]), lower, upper, first, per_unit, log_bins, top)] += 1
+        if last != r:
+            for c in range(n1):
+                hist[last, _slot(abs(v1[cut[1, c]]), lower, upper, first, per_unit, log_bins, top)] += 1
 
 
 @numba.njit(nogil=True, cache=True)
@@ -218,31 +258,40 @@ def _slot(a, lower, upper, first, per_unit, log_bins, top):
     return slot
 
 
+@intrinsic
+def _popcount(typingctx, word):
+    """The number of bits set in a uint64."""
+    def codegen(context, builder, signature, args):
+        return builder.ctpop(args[0])
+    return types.uint64(types.uint64), codegen
+
+
 @numba.njit(nogil=True, cache=True)
-def _agreement(sign, m, n_finetuned, agree, all_agree, block):
-    """Pairwise same-nonzero-sign counts (upper triangle) and the all-fine-tunes agreement."""
-    rows = sign.shape[0]
+def _agreement(positive, negative, words, n_finetuned, agree, all_agree, block):
+    """Pairwise same-nonzero-sign counts (upper triangle) and the all-fine-tunes agreement, 64
+    entries a word."""
+    rows = positive.shape[0]
     for r in range(rows):
         for w in range(r + 1):
-            count = np.int32(0)
-            ours, theirs = sign[r], sign[w]
-            for j in range(m):
-                count += np.int32(ours[j] * theirs[j] > 0)
-            agree[w, r] += count
+            count = np.uint64(0)
+            for k in range(words):
+                count += _popcount((positive[r, k] & positive[w, k]) | (negative[r, k] & negative[w, k]))
+            agree[w, r] += np.int64(count)
     if n_finetuned >= 2:
-        count = 0
-        for j in range(m):
-            total = np.int32(0)
-            for i in range(n_finetuned):
-                total += sign[i, j]
-            count += abs(total) == n_finetuned
-        all_agree[block] += count
+        count = np.uint64(0)
+        for k in range(words):
+            plus, minus = positive[0, k], negative[0, k]
+            for i in range(1, n_finetuned):
+                plus &= positive[i, k]
+                minus &= negative[i, k]
+            count += _popcount(plus) + _popcount(minus)
+        all_agree[block] += np.int64(count)
 
 
 @numba.njit(nogil=True, cache=True)
-def _accumulate(addresses, wide, start, stop, block, n_finetuned, with_mean, power, thresholds, split, lower, upper,
-                first, per_unit, log_bins, spread, sums, gram, extremes, zeros, below, agree, all_agree, hist, grid,
-                key_low, key_high):
+def _accumulate(addresses, wide, start, stop, block, n_finetuned, with_mean, power, threshold_bits, split, lower,
+                upper, first, per_unit, log_bins, spread, sums, gram, ordered, nans, zeros, below, agree, all_agree,
+                hist, grid, key_low, key_high):
     """Add elements start..stop of the rows at `addresses` (inputs; row 0: the base; float64
     where `wide`, else float32) to the accumulators of `block` (their leading axis), tile by
     tile."""
@@ -250,16 +299,18 @@ def _accumulate(addresses, wide, start, stop, block, n_finetuned, with_mean, pow
     tau = np.empty((rows, TILE), dtype=np.float64)
     base = np.empty(TILE, dtype=np.float64)
     zero = np.zeros(TILE, dtype=np.float64)
-    sign = np.empty((rows, TILE), dtype=np.int8)
-    cut = np.empty(TILE, dtype=np.int64)
+    positive = np.empty((rows, TILE // 64), dtype=np.uint64)
+    negative = np.empty((rows, TILE // 64), dtype=np.uint64)
+    cut = np.empty((2, TILE), dtype=np.int64)
     for j0 in range(start, stop, TILE):
         m = min(TILE, stop - j0)
         _tile(addresses, wide, j0, m, n_finetuned, with_mean, tau, base, zero)
         _spread(base, m, spread[block])
         _moments(tau, m, power, sums[block], gram[block])
-        _counts(tau, m, thresholds, split, lower, upper, first, per_unit, log_bins, extremes[block], zeros[block],
-                below[block], hist[block], grid[block], key_low[block], key_high[block], sign, cut)
-        _agreement(sign, m, n_finetuned, agree[block], all_agree, block)
+        _counts(tau, m, threshold_bits, ordered[block], nans[block], zeros[block], below[block], key_low[block],
+                key_high[block], positive, negative)
+        _grid(tau, m, split, lower, upper, first, per_unit, log_bins, hist[block], grid[block], cut)
+        _agreement(positive, negative, (m + 63) // 64, n_finetuned, agree[block], all_agree, block)
 
 
 class FusedState:
@@ -271,19 +322,24 @@ class FusedState:
         self._pool = ThreadPoolExecutor(self.blocks, thread_name_prefix="taskvec-inspect")
         shape = (self.blocks, rows)
         self.power = settings.p if settings.p not in (1.0, 2.0) else 0.0
-        self.thresholds = np.asarray(settings.thresholds, dtype=np.float64)
+        self.threshold_bits = np.asarray(settings.thresholds, dtype=np.float64).view(np.int64)
         binning = abs_binning
         self.cells = CellBins(binning)
         self.binning = (binning.lower.cpu().numpy(), binning.upper.cpu().numpy(), binning.first, binning.per_unit,
                         binning.log)
         self.hist = np.zeros((*shape, binning.slots_count), dtype=np.int64)  # entries of cells edges cut twice
         self.hist_cells = np.zeros((rows, binning.slots_count), dtype=np.int64)  # the others, cell by cell
-        self.grid = np.zeros((*shape, 2 * KEYS), dtype=np.int64)  # per key: its cell's lower, upper half
+        # per key: its cell's lower, upper half; int32 (half the cache the increments touch), added
+        # to `wide_grid` should a tensor bring GRID_LIMIT entries
+        self.grid = np.zeros((*shape, 2 * KEYS), dtype=np.int32)
+        self.wide_grid = None
+        self.pending = 0
         self.sums = np.zeros((*shape, 3))
         self.gram = np.zeros((self.blocks, rows, rows))
-        self.extremes = np.zeros((*shape, 2))
+        self.ordered = np.zeros((*shape, 2), dtype=np.int64)
+        self.nans = np.zeros(shape, dtype=np.int64)
         self.zeros = np.zeros(shape, dtype=np.int64)
-        self.below = np.zeros((*shape, len(self.thresholds)), dtype=np.int64)
+        self.below = np.zeros((*shape, len(self.threshold_bits)), dtype=np.int64)
         self.agree = np.zeros((self.blocks, rows, rows), dtype=np.int64)
         self.all_agree = np.zeros(self.blocks, dtype=np.int64)
         self.key_low = np.zeros(shape, dtype=np.int64)
@@ -293,17 +349,26 @@ class FusedState:
         self._reset()
 
     def _reset(self) -> None:
-        for array in (self.sums, self.gram, self.zeros, self.below, self.agree, self.all_agree, self.spread):
+        for array in (self.sums, self.gram, self.nans, self.zeros, self.below, self.agree, self.all_agree,
+                      self.spread):
             array.fill(0)
         self.base = BaseSpread()
-        self.extremes[..., 0], self.extremes[..., 1] = -np.inf, np.inf
+        self.ordered[..., 0], self.ordered[..., 1] = _NOTHING_ABOVE, _NOTHING_BELOW
         self.key_low.fill(KEYS)
         self.key_high.fill(-1)
+        self.pending = 0
 
     def add(self, addresses: np.ndarray, wide: bool, numel: int) -> None:
         """A slice of one tensor: `numel` elements of each input's row at `addresses` (int64; row
         0: the base; float64 where `wide`, else float32), which must stay readable until this
         returns. One block per thread where there are enough of them, else all in block 0."""
+        if self.pending + numel > GRID_LIMIT:  # a cell could overflow int32: move the counts to int64
+            if self.wide_grid is None:
+                self.wide_grid = np.zeros(self.grid.shape, dtype=np.int64)
+            self.wide_grid += self.grid
+            self.grid.fill(0)
+            self.pending = 0
+        self.pending += numel
         blocks = self.blocks if numel >= self.blocks * PARALLEL_MIN else 1
         spans = [(numel * k // blocks, numel * (k + 1) // blocks, k) for k in range(blocks)]
         if blocks == 1:
@@ -319,9 +384,9 @@ class FusedState:
     def _block(self, addresses: np.ndarray, wide: bool, start: int, stop: int, block: int) -> None:
         lower, upper, first, per_unit, log = self.binning
         _accumulate(addresses, wide, start, stop, block, self.n_finetuned, self.rows > len(addresses) - 1,
-                    self.power, self.thresholds, self.cells.split, lower, upper, first, per_unit, log, self.spread,
-                    self.sums, self.gram, self.extremes, self.zeros, self.below, self.agree, self.all_agree,
-                    self.hist, self.grid, self.key_low, self.key_high)
+                    self.power, self.threshold_bits, self.cells.split, lower, upper, first, per_unit, log,
+                    self.spread, self.sums, self.gram, self.ordered, self.nans, self.zeros, self.below, self.agree,
+                    self.all_agree, self.hist, self.grid, self.key_low, self.key_high)
 
     def close(self) -> None:
         """Stop the block threads."""
@@ -336,20 +401,18 @@ class FusedState:
         gram = np.triu(gram) + np.triu(gram, 1).T
         agree = self.agree.sum(0)
         agree = np.triu(agree) + np.triu(agree, 1).T
-        mx = self.extremes[..., 0].max(0)
-        mn = self.extremes[..., 1].min(0)
-        for array, extreme in ((mx, self.extremes[..., 0]), (mn, self.extremes[..., 1])):  # NaN wins, as in torch
-            array[np.isnan(extreme).any(0)] = np.nan
+        mx = _from_ordered(self.ordered[..., 0].max(0), -np.inf)
+        mn = _from_ordered(self.ordered[..., 1].min(0), np.inf)
+        nan = self.nans.sum(0) > 0  # NaN wins, as in torch
+        mx[nan], mn[nan] = np.nan, np.nan
         grid = FineGrid(self.rows, torch.device("cpu"))
         low, high = int(self.key_low.min()), int(self.key_high.max())
         cells = self.cells
-        halves = self.grid[:, :, :2 * _FIRST_NORMAL].reshape(self.blocks, self.rows, -1, 2).sum((0, 2))
-        self.grid[:, :, :2 * _FIRST_NORMAL] = 0
+        halves = self._take_grid(0, 2 * _FIRST_NORMAL).reshape(self.blocks, self.rows, -1, 2).sum((0, 2))
         grid.tiny = torch.from_numpy(halves.sum(1))
         cells.bin(self.hist_cells, slice(0, 1), halves[:, None, :])
         if high >= _FIRST_NORMAL:
-            halves = self.grid[:, :, 2 * low:2 * high + 2].reshape(self.blocks, self.rows, -1, 2).sum(0)
-            self.grid[:, :, 2 * low:2 * high + 2] = 0
+            halves = self._take_grid(2 * low, 2 * high + 2).reshape(self.blocks, self.rows, -1, 2).sum(0)
             grid.low, grid.counts = low, torch.from_numpy(halves.sum(2))
             cells.bin(self.hist_cells, slice(low, high + 1), halves)
         sp = sums[:, _POW] if self.power else {1.0: sums[:, _ABS], 2.0: np.diagonal(gram)}[self.settings.p]
@@ -359,9 +422,25 @@ class FusedState:
         self._reset()
         return totals, base_std
 
+    def _take_grid(self, start: int, stop: int) -> np.ndarray:
+        """The grid's columns start..stop in int64 (blocks x rows x columns), zeroed for the next tensor."""
+        counts = self.grid[:, :, start:stop].astype(np.int64)
+        self.grid[:, :, start:stop] = 0
+        if self.wide_grid is not None:
+            counts += self.wide_grid[:, :, start:stop]
+            self.wide_grid[:, :, start:stop] = 0
+        return counts
+
     def histogram(self) -> torch.Tensor:
         """The absolute histogram, summed over blocks: (rows, slots)."""
         return torch.from_numpy(self.hist.sum(0) + self.hist_cells)
+
+
+def _from_ordered(ordered: np.ndarray, nothing: float) -> np.ndarray:
+    """Floats from their order-preserving integers (_reduce_bits); `nothing` where no entry was seen."""
+    values = (ordered ^ ((ordered >> 63) & _MAGNITUDE)).view(np.float64).copy()
+    values[(ordered == _NOTHING_ABOVE) | (ordered == _NOTHING_BELOW)] = nothing
+    return values
 
 
 def warm_up() -> None:
