@@ -173,14 +173,13 @@ def _counts(tau, m, threshold_bits, ordered, nans, zeros, below, key_low, key_hi
     entries' bits with integer operations, which vectorize (|t| < c is a comparison of bits for
     c > 0, NaN's bits being above every finite value's)."""
     rows = tau.shape[0]
-    full = m // 64
     for r in range(rows):
         bits = tau[r].view(np.int64)
         zero, nan, high, low = 0, 0, np.int64(0), _NO_KEY
         top, bottom = ordered[r, 0], ordered[r, 1]
         for j in range(m):
             zero, nan, high, low, top, bottom = _reduce_bits(bits[j], zero, nan, high, low, top, bottom)
-        for w in range(full + (full * 64 < m)):
+        for w in range((m + 63) // 64):
             plus, minus = np.uint64(0), np.uint64(0)
             for bit in range(min(64, m - w * 64)):
                 up, down = _sign_bits(bits[w * 64 + bit])
@@ -200,6 +199,15 @@ def _counts(tau, m, threshold_bits, ordered, nans, zeros, below, key_low, key_hi
         key_low[r] = min(key_low[r], low >> _SHIFT)
 
 
+@numba.njit(nogil=True, cache=True, inline="always")
+def _count_cell(bits, value, split, cells):
+    """Count one entry in its cell's lower or upper half; whether two edges cut its cell."""
+    key = (bits & _MAGNITUDE) >> _SHIFT
+    edge = split[key]
+    cells[2 * key + (abs(value) >= edge)] += 1
+    return edge < 0.0
+
+
 @numba.njit(nogil=True, cache=True)
 def _grid(tau, m, split, lower, upper, first, per_unit, log_bins, hist, grid, cut):
     """The grid: each entry counted in its cell's lower or upper half, the halves an edge of the
@@ -208,36 +216,33 @@ def _grid(tau, m, split, lower, upper, first, per_unit, log_bins, hist, grid, cu
     from the cells when the tensor closes. Keys below 256 are zero or subnormal: one cell,
     summed when the tensor closes. Two rows a loop: their increments are independent."""
     rows = tau.shape[0]
-    top = hist.shape[1] - 1
     for r in range(0, rows, 2):
-        last = min(r + 1, rows - 1)  # an odd last row is counted alone
-        v0, v1 = tau[r], tau[last]
+        pair = r + 1 < rows  # an odd last row is counted alone
+        v0, v1 = tau[r], tau[r + pair]
         b0, b1 = v0.view(np.int64), v1.view(np.int64)
-        c0, c1 = grid[r], grid[last]
+        c0, c1 = grid[r], grid[r + pair]
         n0, n1 = 0, 0
-        if last == r:
+        if pair:
             for j in range(m):
-                k0 = (b0[j] & _MAGNITUDE) >> _SHIFT
-                e0 = split[k0]
-                c0[2 * k0 + (abs(v0[j]) >= e0)] += 1
-                cut[0, n0] = j
-                n0 += e0 < 0.0
-        else:
-            for j in range(m):
-                k0 = (b0[j] & _MAGNITUDE) >> _SHIFT
-                k1 = (b1[j] & _MAGNITUDE) >> _SHIFT
-                e0, e1 = split[k0], split[k1]
-                c0[2 * k0 + (abs(v0[j]) >= e0)] += 1
-                c1[2 * k1 + (abs(v1[j]) >= e1)] += 1
                 cut[0, n0] = j
                 cut[1, n1] = j
-                n0 += e0 < 0.0
-                n1 += e1 < 0.0
-        for c in range(n0):
-            hist[r, _slot(abs(v0[cut[0, c]]), lower, upper, first, per_unit, log_bins, top)] += 1
-        if last != r:
-            for c in range(n1):
-                hist[last, _slot(abs(v1[cut[1, c]]), lower, upper, first, per_unit, log_bins, top)] += 1
+                n0 += _count_cell(b0[j], v0[j], split, c0)
+                n1 += _count_cell(b1[j], v1[j], split, c1)
+        else:
+            for j in range(m):
+                cut[0, n0] = j
+                n0 += _count_cell(b0[j], v0[j], split, c0)
+        _bin_cut(v0, cut[0], n0, lower, upper, first, per_unit, log_bins, hist[r])
+        if pair:
+            _bin_cut(v1, cut[1], n1, lower, upper, first, per_unit, log_bins, hist[r + 1])
+
+
+@numba.njit(nogil=True, cache=True)
+def _bin_cut(values, cut, n, lower, upper, first, per_unit, log_bins, hist):
+    """Bin the n entries values[cut[:n]] one by one (their cells are cut by two edges)."""
+    top = hist.shape[0] - 1
+    for c in range(n):
+        hist[_slot(abs(values[cut[c]]), lower, upper, first, per_unit, log_bins, top)] += 1
 
 
 @numba.njit(nogil=True, cache=True)
