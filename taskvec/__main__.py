@@ -1,5 +1,5 @@
 """`python -m taskvec` runs the CLI."""
 
-from taskvec.cli import main
+from taskvec.cli import run
 
-main()
+run()
