@@ -23,7 +23,8 @@ from taskvec.inspect.fused import CellBins
 from taskvec.inspect.settings import Settings
 
 EDGES = np.linspace(0.0, 0.01, 501)
-SPECIAL = [np.nan, np.inf, -np.inf, -0.0, 0.0, 5e-324, -2.5e-310, 1e-5, 1e-4, 1e-3, 0.01, 0.02, 0.5, 3.0]
+SPECIAL = [np.nan, np.inf, -np.inf, -0.0, 0.0, 5e-324, -2.5e-310, 1e-5, 1e-4, 1e-3, 0.01, 0.02, 0.5, 3.0,
+           *np.array([0x7FFFFFFFFFFFFFFF, 0x7FF0000000000001], dtype=np.int64).view(np.float64)]  # NaN payloads
 
 
 def _exact_values() -> np.ndarray:
@@ -139,25 +140,29 @@ def test_grid_counts_moved_to_int64_before_int32_could_overflow(tmp_path, monkey
 
 @pytest.mark.parametrize(("log_bins", "bins"), [(False, 61), (True, 61), (False, 1500)])
 def test_a_cells_halves_hold_the_slots_of_its_values(log_bins, bins):
-    """Every value of a cell lies in its first slot below the split and in the next from it, as
-    numpy.histogram bins it, unless the cell is marked for binning entry by entry: checked on
-    values at, and one step either side of, every edge, and on random values; with 1500 bins
-    some cells hold two edges (marked), with 61 none does."""
+    """Every value of a cell lies in its first slot up to `above` and in the next beyond it (as
+    integer bits), as numpy.histogram bins it, unless the cell is marked for binning entry by
+    entry: checked on values at, and one step either side of, every edge, on random values, and
+    on NaNs with every payload bit set (the largest bits there are); with 1500 bins some cells
+    hold two edges (marked), with 61 none does."""
     settings = Settings(log_bins=log_bins, bins=bins, range=0.003)
     edges = settings.edges(settings.range)
     binning = Binning(edges, log_bins, torch.device("cpu"))
     cells = CellBins(binning)
     rng = np.random.default_rng(0)
     values = np.concatenate([edges, np.nextafter(edges, 0), np.nextafter(edges, 1), 10.0 ** rng.uniform(-9, 0, 20000),
-                             [0.0, 5e-324, 2.2e-308, np.inf, np.nan]])
-    keys = values.view(np.int64) >> 44
+                             [0.0, 5e-324, 2.2e-308, np.inf, np.nan],
+                             np.array([0x7FFFFFFFFFFFFFFF, 0x7FF0000000000001], dtype=np.int64).view(np.float64)])
+    bits = values.view(np.int64)
+    keys = bits >> 44
     expected = binning.slots(torch.from_numpy(values)).numpy()
     whole = ~cells.multi[keys]
-    slots = cells.first[keys] + (values >= cells.split[keys])
+    upper = bits > cells.above[keys]
+    slots = cells.first[keys] + upper
     assert (slots[whole] == expected[whole]).all()
     assert cells.multi.any() == (bins > 512)
-    split = np.isfinite(cells.split[keys])
-    upper = values >= cells.split[keys]
+    assert (cells.multi == (cells.above < 0)).all()
+    split = (cells.above >= 0)[keys] & (cells.above < np.iinfo(np.int64).max)[keys]
     assert (split & upper).sum() > 100 and (split & ~upper).sum() > 100  # both halves of cut cells are reached
     assert whole.all() if bins <= 512 else 0.5 < whole.mean() < 1  # most values are binned by cell
 

@@ -199,42 +199,26 @@ def _counts(tau, m, threshold_bits, ordered, nans, zeros, below, key_low, key_hi
         key_low[r] = min(key_low[r], low >> _SHIFT)
 
 
-@numba.njit(nogil=True, cache=True, inline="always")
-def _count_cell(bits, value, split, cells):
-    """Count one entry in its cell's lower or upper half; whether two edges cut its cell."""
-    key = (bits & _MAGNITUDE) >> _SHIFT
-    edge = split[key]
-    cells[2 * key + (abs(value) >= edge)] += 1
-    return edge < 0.0
-
-
 @numba.njit(nogil=True, cache=True)
-def _grid(tau, m, split, lower, upper, first, per_unit, log_bins, hist, grid, cut):
+def _grid(tau, m, above, lower, upper, first, per_unit, log_bins, hist, grid, cut):
     """The grid: each entry counted in its cell's lower or upper half, the halves an edge of the
-    absolute histogram splits (`split`: that edge; NaN where none does; -inf where two or more
-    do, only with many bins: those entries are binned one by one), so that the histogram comes
-    from the cells when the tensor closes. Keys below 256 are zero or subnormal: one cell,
-    summed when the tensor closes. Two rows a loop: their increments are independent."""
-    rows = tau.shape[0]
-    for r in range(0, rows, 2):
-        pair = r + 1 < rows  # an odd last row is counted alone
-        v0, v1 = tau[r], tau[r + pair]
-        b0, b1 = v0.view(np.int64), v1.view(np.int64)
-        c0, c1 = grid[r], grid[r + pair]
-        n0, n1 = 0, 0
-        if pair:
-            for j in range(m):
-                cut[0, n0] = j
-                cut[1, n1] = j
-                n0 += _count_cell(b0[j], v0[j], split, c0)
-                n1 += _count_cell(b1[j], v1[j], split, c1)
-        else:
-            for j in range(m):
-                cut[0, n0] = j
-                n0 += _count_cell(b0[j], v0[j], split, c0)
-        _bin_cut(v0, cut[0], n0, lower, upper, first, per_unit, log_bins, hist[r])
-        if pair:
-            _bin_cut(v1, cut[1], n1, lower, upper, first, per_unit, log_bins, hist[r + 1])
+    absolute histogram splits, so that the histogram comes from the cells when the tensor closes.
+    An entry is in the upper half where its |tau| bits exceed `above` at its key (CellBins); a
+    negative `above` marks a cell two or more edges cut (only with many bins): its entries are
+    also binned one by one. Keys below 256 are zero or subnormal: one cell, summed when the tensor
+    closes. Integer comparisons: no float compare, no NaN rule in the loop."""
+    for r in range(tau.shape[0]):
+        bits = tau[r].view(np.int64)
+        cells = grid[r]
+        n = 0
+        for j in range(m):
+            a = bits[j] & _MAGNITUDE
+            key = a >> _SHIFT
+            limit = above[key]
+            cells[2 * key + (a > limit)] += 1
+            cut[n] = j
+            n += limit < 0
+        _bin_cut(tau[r], cut, n, lower, upper, first, per_unit, log_bins, hist[r])
 
 
 @numba.njit(nogil=True, cache=True)
@@ -294,7 +278,7 @@ def _agreement(positive, negative, words, n_finetuned, agree, all_agree, block):
 
 
 @numba.njit(nogil=True, cache=True)
-def _accumulate(addresses, wide, start, stop, block, n_finetuned, with_mean, power, threshold_bits, split, lower,
+def _accumulate(addresses, wide, start, stop, block, n_finetuned, with_mean, power, threshold_bits, above, lower,
                 upper, first, per_unit, log_bins, spread, sums, gram, ordered, nans, zeros, below, agree, all_agree,
                 hist, grid, key_low, key_high):
     """Add elements start..stop of the rows at `addresses` (inputs; row 0: the base; float64
@@ -306,7 +290,7 @@ def _accumulate(addresses, wide, start, stop, block, n_finetuned, with_mean, pow
     zero = np.zeros(TILE, dtype=np.float64)
     positive = np.empty((rows, TILE // 64), dtype=np.uint64)
     negative = np.empty((rows, TILE // 64), dtype=np.uint64)
-    cut = np.empty((2, TILE), dtype=np.int64)
+    cut = np.empty(TILE, dtype=np.int64)
     for j0 in range(start, stop, TILE):
         m = min(TILE, stop - j0)
         _tile(addresses, wide, j0, m, n_finetuned, with_mean, tau, base, zero)
@@ -314,7 +298,7 @@ def _accumulate(addresses, wide, start, stop, block, n_finetuned, with_mean, pow
         _moments(tau, m, power, sums[block], gram[block])
         _counts(tau, m, threshold_bits, ordered[block], nans[block], zeros[block], below[block], key_low[block],
                 key_high[block], positive, negative)
-        _grid(tau, m, split, lower, upper, first, per_unit, log_bins, hist[block], grid[block], cut)
+        _grid(tau, m, above, lower, upper, first, per_unit, log_bins, hist[block], grid[block], cut)
         _agreement(positive, negative, (m + 63) // 64, n_finetuned, agree[block], all_agree, block)
 
 
@@ -389,7 +373,7 @@ class FusedState:
     def _block(self, addresses: np.ndarray, wide: bool, start: int, stop: int, block: int) -> None:
         lower, upper, first, per_unit, log = self.binning
         _accumulate(addresses, wide, start, stop, block, self.n_finetuned, self.rows > len(addresses) - 1,
-                    self.power, self.threshold_bits, self.cells.split, lower, upper, first, per_unit, log,
+                    self.power, self.threshold_bits, self.cells.above, lower, upper, first, per_unit, log,
                     self.spread, self.sums, self.gram, self.ordered, self.nans, self.zeros, self.below, self.agree,
                     self.all_agree, self.hist, self.grid, self.key_low, self.key_high)
 
@@ -464,11 +448,12 @@ def warm_up() -> None:
 
 class CellBins:
     """Where the absolute histogram's edges fall in the grid's cells. For every key: `first`, the
-    slot of its cell's smallest value; `split`, the value from which the cell's values go to the
-    next slot, where one edge cuts the cell (NaN where none does: no value is >= NaN, so all go to
-    `first`, inf's too; -inf where `multi`); `multi`,
-    where two or more edges cut it (many bins: its entries are binned one by one). Keys below 256
-    form one cell, [0, the largest subnormal]; keys of inf and NaN go to the slot above the edges."""
+    slot of its cell's smallest value; `multi`, where two or more edges cut the cell (many bins:
+    its entries are binned one by one); `above`, as int64 bits of |tau|, the largest value still in
+    `first` where one edge cuts the cell (the edge's bits less one: edges are > 0), the largest
+    int64 where none does (no |tau| bits exceed it, a NaN's included: all go to `first`), -1 where
+    `multi`. Keys below 256 form one cell, [0, the largest subnormal]; keys of inf and NaN go to
+    the slot above the edges."""
 
     def __init__(self, binning: Binning) -> None:
         edges, upper = binning.edges.cpu().numpy(), binning.upper.cpu().numpy()
@@ -479,8 +464,9 @@ class CellBins:
         first, last = _exact_slots(lowest, edges), _exact_slots(highest, edges)
         self.first = first.astype(np.int64)
         self.multi = last > first + 1
-        self.split = np.where(last == first + 1, upper[np.minimum(first, len(upper) - 1)], np.nan)
-        self.split[self.multi] = -np.inf
+        edge = upper[np.minimum(first, len(upper) - 1)]
+        self.above = np.where(last == first + 1, edge.view(np.int64) - 1, np.iinfo(np.int64).max)
+        self.above[self.multi] = -1
         self.slots_count = binning.slots_count
 
     def bin(self, hist: np.ndarray, keys: slice, halves: np.ndarray) -> None:
