@@ -168,14 +168,16 @@ def test_a_cells_halves_hold_the_slots_of_its_values(log_bins, bins):
 
 
 def test_the_warm_up_loads_the_very_loop_the_pass_runs(tmp_path):
-    """inspect_checkpoints loads the compiled loop on a thread while it imports and plans; that is
-    only worth it if the pass then finds the same compiled signature (float32 and float64 rows
-    alike), not a second one to load."""
+    """inspect_checkpoints loads the compiled loops on a thread while it imports and plans; that is
+    only worth it if the pass then finds the same compiled signatures (float32 and float64 rows
+    alike, the tensors' closing too), not a second one to load."""
     fused.warm_up()
+    loops = (fused._accumulate, fused._close_cells)
+    warmed = [set(loop.signatures) for loop in loops]
     assert len(fused._accumulate.signatures) == 1
     for dtype in (torch.float32, torch.float64):
         folder = tmp_path / str(dtype)
         folder.mkdir()
         base, finetuned = write_models(folder, dtype, 2, exact=False)
         inspect_checkpoints(base, finetuned, progress=False)
-    assert len(fused._accumulate.signatures) == 1
+    assert [set(loop.signatures) for loop in loops] == warmed

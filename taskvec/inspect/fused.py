@@ -302,6 +302,31 @@ def _accumulate(addresses, wide, start, stop, block, n_finetuned, with_mean, pow
         _agreement(positive, negative, (m + 63) // 64, n_finetuned, agree[block], all_agree, block)
 
 
+@numba.njit(nogil=True, cache=True)
+def _close_cells(grid, start, stop, one_cell, first, multi, hist, counts):
+    """Take the grid's keys start..stop (zeroing them for the next tensor): each row's entries per
+    key, over blocks and halves, into `counts` (rows x keys; with `one_cell`, the keys are one
+    cell, the first's: one column), and each half of a cell that no two edges cut (not `multi`)
+    into `hist` (rows x slots) at the cell's first slot or the next."""
+    for r in range(grid.shape[1]):
+        lower, upper = 0, 0
+        for key in range(start, stop):
+            for b in range(grid.shape[0]):
+                lower += grid[b, r, 2 * key]
+                upper += grid[b, r, 2 * key + 1]
+                grid[b, r, 2 * key] = 0
+                grid[b, r, 2 * key + 1] = 0
+            if not one_cell or key == stop - 1:
+                cell = start if one_cell else key
+                counts[r, cell - start] += lower + upper
+                if not multi[cell]:
+                    if lower:
+                        hist[r, first[cell]] += lower
+                    if upper:  # only where an edge cuts the cell: first[cell] + 1 is a slot
+                        hist[r, first[cell] + 1] += upper
+                lower, upper = 0, 0
+
+
 class FusedState:
     """Per-block accumulators of the tensor being read, and of the absolute histogram."""
 
@@ -396,29 +421,22 @@ class FusedState:
         mx[nan], mn[nan] = np.nan, np.nan
         grid = FineGrid(self.rows, torch.device("cpu"))
         low, high = int(self.key_low.min()), int(self.key_high.max())
-        cells = self.cells
-        halves = self._take_grid(0, 2 * _FIRST_NORMAL).reshape(self.blocks, self.rows, -1, 2).sum((0, 2))
-        grid.tiny = torch.from_numpy(halves.sum(1))
-        cells.bin(self.hist_cells, slice(0, 1), halves[:, None, :])
+        source = self.grid
+        if self.wide_grid is not None:
+            self.wide_grid += self.grid
+            self.grid.fill(0)
+            source = self.wide_grid
+        first, multi = self.cells.first, self.cells.multi
+        _close_cells(source, 0, _FIRST_NORMAL, True, first, multi, self.hist_cells, grid.tiny.numpy()[:, None])
         if high >= _FIRST_NORMAL:
-            halves = self._take_grid(2 * low, 2 * high + 2).reshape(self.blocks, self.rows, -1, 2).sum(0)
-            grid.low, grid.counts = low, torch.from_numpy(halves.sum(2))
-            cells.bin(self.hist_cells, slice(low, high + 1), halves)
+            grid.low, grid.counts = low, torch.zeros(self.rows, high + 1 - low, dtype=torch.int64)
+            _close_cells(source, low, high + 1, False, first, multi, self.hist_cells, grid.counts.numpy())
         sp = sums[:, _POW] if self.power else {1.0: sums[:, _ABS], 2.0: np.diagonal(gram)}[self.settings.p]
         totals = close_tensor(numel, sums[:, _SUM], sums[:, _ABS], np.array(sp), gram, mx, mn, self.zeros.sum(0),
                               self.below.sum(0), agree, int(self.all_agree.sum()), grid, base_std, self.settings,
                               norm_binning, norm_hist)
         self._reset()
         return totals, base_std
-
-    def _take_grid(self, start: int, stop: int) -> np.ndarray:
-        """The grid's columns start..stop in int64 (blocks x rows x columns), zeroed for the next tensor."""
-        counts = self.grid[:, :, start:stop].astype(np.int64)
-        self.grid[:, :, start:stop] = 0
-        if self.wide_grid is not None:
-            counts += self.wide_grid[:, :, start:stop]
-            self.wide_grid[:, :, start:stop] = 0
-        return counts
 
     def histogram(self) -> torch.Tensor:
         """The absolute histogram, summed over blocks: (rows, slots)."""
@@ -438,10 +456,12 @@ def warm_up() -> None:
     from taskvec.inspect.settings import Settings
 
     settings = Settings()
-    state = FusedState(2, 1, settings, Binning(settings.edges(settings.range), False, torch.device("cpu")), blocks=1)
+    binning = Binning(settings.edges(settings.range), False, torch.device("cpu"))
+    state = FusedState(2, 1, settings, binning, blocks=1)
     try:
         zeros = np.zeros((2, TILE), dtype=np.float32)
         state.add(zeros.ctypes.data + np.arange(2, dtype=np.int64) * zeros.strides[0], False, TILE)
+        state.finish(TILE, binning, torch.zeros(2, binning.slots_count, dtype=torch.int64))
     finally:
         state.close()
 
@@ -468,15 +488,6 @@ class CellBins:
         self.above = np.where(last == first + 1, edge.view(np.int64) - 1, np.iinfo(np.int64).max)
         self.above[self.multi] = -1
         self.slots_count = binning.slots_count
-
-    def bin(self, hist: np.ndarray, keys: slice, halves: np.ndarray) -> None:
-        """Add the cells keys (halves: rows x cells x 2 counts) to hist (rows x slots); the cells
-        of `multi` keys were binned entry by entry."""
-        rows, slots = hist.shape
-        index = self.first[keys][None, :, None] + np.arange(2) + (np.arange(rows) * slots)[:, None, None]
-        used = ~self.multi[keys][None, :, None] & (halves > 0)
-        counted = np.bincount(index[used], weights=halves[used], minlength=rows * slots)  # exact below 2^53
-        hist += counted.astype(np.int64).reshape(rows, slots)
 
 
 def _exact_slots(values: np.ndarray, edges: np.ndarray) -> np.ndarray:
