@@ -476,3 +476,45 @@ def test_histogram_slots_follow_numpy_at_every_edge(log):
     inside = (values >= edges[0]) & (values <= edges[-1])
     assert counts[1:-1] == np.histogram(values[inside], bins=edges)[0].tolist()
     assert counts[0] == int((values < edges[0]).sum()) and counts[-1] == len(values) - inside.sum() - counts[0]
+
+
+@pytest.mark.parametrize("engine", ["fused", "torch"])
+def test_nan_and_infinite_entries_count_below_nothing_and_are_noted(tmp_path, monkeypatch, engine):
+    """A NaN entry makes its tensor's RMS NaN: no entry is below c * NaN (|tau| < NaN is false),
+    where counting from the grid once put every entry there. An infinite one makes the RMS
+    infinite: every finite entry is below c * inf. A NaN in the base makes its std NaN: nothing
+    below c * std. Each such vector is named in a note, with its tensors."""
+    import taskvec.inspect.stream as stream
+
+    monkeypatch.setattr(stream, "CPU_ENGINE", engine)
+    names = ["transformer.h.0.attn.c_attn.weight", "transformer.h.0.mlp.c_fc.weight", "transformer.ln_f.weight"]
+    base = {name: torch.zeros(8) for name in names}
+    base["transformer.ln_f.weight"] = torch.tensor([1.0, 1.0, math.nan, 1.0, 1.0, 1.0, 1.0, 1.0])
+    finetuned = {names[0]: torch.tensor([0.5, -0.3, 0.0, 0.9, -0.7, 0.1, 0.4, math.nan]),
+                 names[1]: torch.tensor([0.5, -0.3, 0.0, 0.9, -0.7, 0.1, -math.inf, 1e-9]),
+                 names[2]: torch.tensor([1.5, 1.0, 0.0, 1.1, 1.0, 1.0, 1.0, 1.2])}
+    _save(tmp_path / "base", base)
+    _save(tmp_path / "ft", finetuned)
+    stats = inspect_checkpoints(tmp_path / "base", [tmp_path / "ft"], progress=False, rms_fractions=(0.01, 0.1))
+    tensors = {record["name"]: record["vectors"]["ft"] for record in stats["tensors"]}
+    assert math.isnan(tensors[names[0]]["rms"]) and tensors[names[0]]["below_rms"] == {"0.01": 0.0, "0.1": 0.0}
+    assert tensors[names[1]]["rms"] == math.inf and tensors[names[1]]["below_rms"] == {"0.01": 7 / 8, "0.1": 7 / 8}
+    assert tensors[names[2]]["below_std"] == {"0.01": 0.0, "0.1": 0.0}  # the base's std is NaN
+    assert tensors[names[2]]["below_abs"]["0.001"] == 4 / 8  # tau: 0.5, 0, NaN, 0.1, 0, 0, 0, 0.2
+    assert stats["notes"] == [f"ft: NaN or infinite entries in 3 tensors ({', '.join(names)}): norms and RMS over "
+                              "them are NaN or infinite, and shares relative to the RMS mean nothing there"]
+
+
+@pytest.mark.parametrize(("options", "message"), [
+    (["--range", "1e-310", "--bins", "13"], "--range 1e-310 in 13 bins (linear): bins too narrow for float64"),
+    (["--range", "1e-306"], "--range 1e-306 in 500 bins (linear): bins too narrow"),
+    (["--norm-range", "1e-320"], "--norm-range 9.99989e-321 in 500 bins (linear)"),
+    (["--log-bins", "--log-decades", "400"], "--range 0.01 in 500 bins (log-spaced over 400 decades)"),
+    (["--log-bins", "--log-decades", "1e-17"], "--range 0.01 in 500 bins (log-spaced over 1e-17 decades)"),
+])
+def test_bins_too_narrow_for_float64_are_refused(models, tmp_path, options, message):
+    """Edges in the subnormal range (the slot arithmetic overflows there, and the grid counts
+    subnormal |tau| as 0), edges that coincide, and a decade count whose power overflows: one
+    error line, before anything is read."""
+    base, finetuned, _ = models("float32")
+    refused(tmp_path, "inspect", "--base", base, finetuned[0], "-o", tmp_path / "out", *options, where=message)

@@ -10,6 +10,8 @@ vectors than the torch path's sign codes take (it compares signs directly there)
 
 import json
 import math
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -181,3 +183,29 @@ def test_the_warm_up_loads_the_very_loop_the_pass_runs(tmp_path):
         base, finetuned = write_models(folder, dtype, 2, exact=False)
         inspect_checkpoints(base, finetuned, progress=False)
     assert [set(loop.signatures) for loop in loops] == warmed
+
+
+def test_a_command_failing_beside_the_warm_up_exits_cleanly(tmp_path):
+    """An error raised while the compiled loops still load (a missing fine-tune, found after the
+    warm-up starts): the script catches it and ends normally. The interpreter must wait for the
+    loading rather than finalize around it, which aborted such a process about one time in three
+    (status 134, "terminate called without an active exception"). Settings are refused before
+    any loading starts."""
+    base, _ = write_models(tmp_path, torch.float32, 1, exact=False)
+    script = f"""
+import threading
+from taskvec.errors import TaskvecError
+from taskvec.inspect import inspect_checkpoints
+try:
+    inspect_checkpoints({str(base)!r}, bins=0)
+except TaskvecError:
+    assert [t.name for t in threading.enumerate()] == ["MainThread"]
+try:
+    inspect_checkpoints({str(base)!r}, [{str(tmp_path / "nowhere")!r}], progress=False)
+except TaskvecError as err:
+    assert "nowhere" in str(err)
+    assert "taskvec-inspect-warm-up" in [t.name for t in threading.enumerate()]
+"""
+    for _ in range(4):
+        done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+        assert (done.returncode, done.stderr) == (0, "")

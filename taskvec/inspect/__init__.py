@@ -50,6 +50,10 @@ def inspect_checkpoints(
     range, norm_range, log_bins, log_decades). chunk_size: elements per step as float32 bytes,
     shared by all vectors, so memory does not grow with their number. device: cpu or cuda.
     """
+    chosen = Settings(**settings)
+    finetuned, merged = list(finetuned), list(merged)
+    if not finetuned and not merged:
+        raise TaskvecError("nothing to inspect: give at least one fine-tuned or merged model")
     if device == "cpu":
         _warm_compiled_pass()
     import torch
@@ -63,10 +67,6 @@ def inspect_checkpoints(
     from taskvec.progress import progress_bar
     from taskvec.stream import plan_merge
 
-    chosen = Settings(**settings)
-    finetuned, merged = list(finetuned), list(merged)
-    if not finetuned and not merged:
-        raise TaskvecError("nothing to inspect: give at least one fine-tuned or merged model")
     names = [base, *finetuned, *merged]
     paths = [resolve_model_path(name) for name in names]
     check_distinct(paths)
@@ -100,7 +100,7 @@ def inspect_checkpoints(
         "merged": [c.label for c in checkpoints[1 + n_finetuned:]],
         "vectors": vectors,
         "settings": chosen.as_dict() | {"relative_grid_bits": 8},
-        "notes": notes,
+        "notes": notes + _nonfinite_notes(result.tensors, vectors),
         "bytes_read": bytes_read,
         **summarize(result.tensors, shapes, result.base_std, vectors, n_finetuned, chosen),
         "histograms": {kind: _histogram(counts, chosen.edges(top), vectors) for kind, counts, top in (
@@ -113,7 +113,10 @@ def inspect_checkpoints(
 
 def _warm_compiled_pass() -> None:
     """Start loading the CPU pass's compiled loops beside the imports and the planning; the pass
-    itself waits for the loading where it is not done (numba's lock), and raises any error."""
+    itself waits for the loading where it is not done (numba's lock), and raises any error. Not a
+    daemon: should the command fail before its pass, the interpreter waits for the loading to end
+    (a second or so) instead of finalizing around it, which can abort the process ("terminate
+    called without an active exception", status 134)."""
     import threading
 
     def load() -> None:
@@ -124,7 +127,7 @@ def _warm_compiled_pass() -> None:
         except Exception:  # noqa: BLE001 - the pass reports it, with its context
             pass
 
-    threading.Thread(target=load, name="taskvec-inspect-warm-up", daemon=True).start()
+    threading.Thread(target=load, name="taskvec-inspect-warm-up").start()
 
 
 def _write(output: Path, stats: dict, plot: bool, overwrite: bool) -> None:
@@ -137,6 +140,20 @@ def _write(output: Path, stats: dict, plot: bool, overwrite: bool) -> None:
             from taskvec.inspect.plots import write_plots
 
             write_plots(staging, stats)
+
+
+def _nonfinite_notes(tensors: dict, vectors: list[str]) -> list[str]:
+    """A note per vector with NaN or infinite entries, naming its tensors: their statistics are
+    not numbers a reader should compare."""
+    import numpy as np
+
+    found: dict[str, list[str]] = {}
+    for name, totals in tensors.items():
+        for row in np.flatnonzero(~(np.isfinite(totals.mx) & np.isfinite(totals.mn))):
+            found.setdefault(vectors[row], []).append(name)
+    return [f"{vector}: NaN or infinite entries in {len(names)} tensor{'s' * (len(names) > 1)} ({', '.join(names[:3])}"
+            f"{' ...' if len(names) > 3 else ''}): norms and RMS over them are NaN or infinite, and shares relative "
+            "to the RMS mean nothing there" for vector, names in found.items()]
 
 
 def _histogram(counts, edges, vectors: list[str]) -> dict:

@@ -112,11 +112,12 @@ class FineGrid:
 
     def below(self, thresholds: torch.Tensor) -> torch.Tensor:
         """(rows, len(thresholds)): entries whose truncated |tau| is below each row's thresholds
-        (thresholds: rows x k), zeros and subnormals always included."""
+        (thresholds: rows x k), zeros and subnormals included; none below a NaN threshold (a
+        tensor's RMS where it holds a NaN), as |tau| < NaN is false."""
         edges = self.lower_edges()
         cumulative = torch.nn.functional.pad(self.counts.cumsum(1), (1, 0))
         cells = torch.searchsorted(edges, thresholds.contiguous().view(-1)).view(thresholds.shape)
-        return self.tiny.unsqueeze(1) + cumulative.gather(1, cells)
+        return (self.tiny.unsqueeze(1) + cumulative.gather(1, cells)).masked_fill_(thresholds.isnan(), 0)
 
     def normalised(self, scales: torch.Tensor, binning: Binning) -> torch.Tensor:
         """(rows, slots): the histogram of truncated |tau| / scale (zeros and subnormals as 0)."""

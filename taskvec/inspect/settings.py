@@ -39,6 +39,21 @@ class Settings:
                               ("--log-decades", self.log_decades)):
             if not (math.isfinite(value) and value > 0):
                 raise TaskvecError(f"{option} must be a positive finite number, got {value}")
+        for option, top in (("--range", self.range), ("--norm-range", self.norm_range)):
+            if not self._representable(top):
+                spacing = f"log-spaced over {self.log_decades:g} decades" if self.log_bins else "linear"
+                raise TaskvecError(f"{option} {top:g} in {self.bins} bins ({spacing}): bins too narrow for float64 "
+                                   "(every edge above 0 must be a normal number above the one before)")
+
+    def _representable(self, top: float) -> bool:
+        """Whether the edges up to `top` are distinct normal floats (or 0): bins in the subnormal
+        range would lose the histogram's rule (and the grid counts subnormal |tau| as 0)."""
+        try:
+            edges = self.edges(top)
+        except (OverflowError, ValueError):
+            return False
+        positive = edges[edges > 0]
+        return bool(len(positive) and positive[0] >= np.finfo(np.float64).tiny and np.all(np.diff(edges) > 0))
 
     def edges(self, top: float) -> np.ndarray:
         """Bin edges up to `top`: numpy.histogram's linspace(0, top), or log-spaced."""
