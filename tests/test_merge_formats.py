@@ -322,6 +322,62 @@ def test_an_untied_finetune_of_a_tied_base_is_refused(tmp_path):
     expect_refusal(tmp_path, tmp_path / "base", [ft], "its output embedding 'lm_head.weight' is its own")
 
 
+def test_a_tied_finetune_storing_a_head_of_its_own_is_refused(tmp_path):
+    """Its config ties the embeddings but its file stores lm_head with other values: transformers
+    loads it untied, so a merge onto a tied base would lose that head (it was dropped silently,
+    exit 0). The same values stored twice are a tied pair and merge as one."""
+    model = tiny_model("gpt2")
+    model.save_pretrained(tmp_path / "base")
+    (ft,) = perturbed_copies(model, tmp_path, 1)
+    state = load_dir(ft)
+    state["lm_head.weight"] = state["transformer.wte.weight"] + 0.5
+    save_file(state, ft / "model.safetensors")
+    expect_refusal(tmp_path, tmp_path / "base", [ft], f"{ft}: its output embedding 'lm_head.weight' holds other values")
+    state["lm_head.weight"] = state["transformer.wte.weight"].clone()
+    save_file(state, ft / "model.safetensors")
+    merge_checkpoints([ft], tmp_path / "out", base=tmp_path / "base", progress=False)
+    merged_against_reference(load_dir(tmp_path / "base"), [load_dir(ft)], tmp_path / "out")
+
+
+@pytest.mark.parametrize("stale_shards", [False, True])
+def test_a_single_file_beside_a_stale_index_is_read_as_transformers_reads_it(tmp_path, stale_shards):
+    """A model re-saved unsharded into the directory it was once saved sharded to keeps the old
+    index (save_pretrained leaves it), and a copied folder may keep the old shards too.
+    from_pretrained loads model.safetensors; the merge read the index instead: it refused the
+    missing shards, or, with them present, merged the old model with exit 0."""
+    model = tiny_model("llama")
+    model.save_pretrained(tmp_path / "base")
+    tiny_model("llama", seed=5).save_pretrained(tmp_path / "old", max_shard_size="20KB")
+    (ft,) = perturbed_copies(model, tmp_path, 1)
+    shutil.copy(tmp_path / "old" / "model.safetensors.index.json", ft)
+    if stale_shards:
+        for shard in (tmp_path / "old").glob("model-*.safetensors"):
+            shutil.copy(shard, ft)
+    merge_checkpoints([ft], tmp_path / "out", base=tmp_path / "base", progress=False)
+    loaded = current_state(AutoModelForCausalLM.from_pretrained(ft))
+    assert all(torch.equal(loaded[k], v) for k, v in load_file(ft / "model.safetensors").items())
+    merged_against_reference(load_file(tmp_path / "base" / "model.safetensors"), [loaded], tmp_path / "out")
+
+
+def test_a_bin_whose_pickle_rebuilds_a_tensor_from_no_storage_is_refused_in_one_line(tmp_path):
+    """The allowed _rebuild_tensor_v2 called with a string for its storage: a traceback before."""
+    import io
+    import zipfile
+
+    model = tiny_model("gpt2")
+    model.save_pretrained(tmp_path / "base")
+    pickled = (b"\x80\x02}(X\x01\x00\x00\x00actorch._utils\n_rebuild_tensor_v2\n"
+               b"(X\x03\x00\x00\x00xyzK\x00K\x06\x85K\x01\x85\x89}tRu.")
+    archive = io.BytesIO()
+    with zipfile.ZipFile(archive, "w") as handle:
+        handle.writestr("archive/data.pkl", pickled)
+        handle.writestr("archive/byteorder", "little")
+    (tmp_path / "ft").mkdir()
+    (tmp_path / "ft" / "pytorch_model.bin").write_bytes(archive.getvalue())
+    expect_refusal(tmp_path, tmp_path / "base", [tmp_path / "ft"],
+                   "pytorch_model.bin: not a readable PyTorch checkpoint .UnpicklingError: a tensor rebuilt from a str")
+
+
 def test_bin_tensors_with_odd_strides_on_size_one_dimensions_are_read(tmp_path):
     """A (1, n) tensor made by .t() has strides (1, 1): contiguous, but refused before."""
     from taskvec.io.safetensors_file import FileReader

@@ -143,16 +143,16 @@ def open_checkpoint(path: str | Path, label: str | None = None) -> Checkpoint:
     if (path / layout.ADAPTER_CONFIG).is_file():
         adapter = read_adapter(path)
         return Checkpoint(path, dict(adapter.replaced), adapter.config, "peft", adapter, label)
-    for index, single, reader in (
+    for index, single, reader in (  # from_pretrained's order: a single file before an index beside it
         (layout.SAFETENSORS_INDEX, layout.SAFETENSORS_SINGLE, _read_safetensors),
         (layout.TORCH_INDEX, layout.TORCH_SINGLE, _read_torch),
     ):
-        if (path / index).is_file():
-            return _checked(Checkpoint(path, _read_sharded(path / index, reader), _read_config(path),
-                                       _format(path / single), label=label))
         if (path / single).is_file():
             return _checked(Checkpoint(path, reader(path / single), _read_config(path), _format(path / single),
                                        label=label))
+        if (path / index).is_file():
+            return _checked(Checkpoint(path, _read_sharded(path / index, reader), _read_config(path),
+                                       _format(path / single), label=label))
     weights = _only_weight_file(path)
     return _checked(Checkpoint(path, _read_weight_file(weights), _read_config(path), _format(weights), label=label))
 

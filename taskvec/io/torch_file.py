@@ -56,6 +56,8 @@ class _StorageType:
 
 
 def _rebuild_tensor(storage, storage_offset, size, stride, *_):
+    if not isinstance(storage, _Storage):  # a hostile pickle: anything may be passed here
+        raise pickle.UnpicklingError(f"a tensor rebuilt from a {type(storage).__name__}, not from a storage")
     return _TensorRef(storage, storage_offset, size, stride)
 
 

@@ -16,7 +16,7 @@ from taskvec.io.checkpoint import Checkpoint
 from taskvec.io.layout import INPUT_EMBEDDINGS, LEGACY_BUFFERS, TIED_OUTPUT
 from taskvec.io.names import naming_rules
 from taskvec.io.peft_adapter import LoraDelta, LoraSource
-from taskvec.io.safetensors_file import TensorEntry
+from taskvec.io.safetensors_file import FileReader, TensorEntry
 
 
 @dataclass
@@ -107,10 +107,16 @@ def _match(reference, ref_tensors, ref_tied, checkpoint, tensors, sources) -> li
                            f"tie_word_embeddings false), but {reference.path} ties it to the input embedding; "
                            "the merge would lose the fine-tune's head: untie the base first")
     tied = checkpoint.ties_embeddings if checkpoint.ties_embeddings is not None else ref_tied
+    embedding = next((n for n in INPUT_EMBEDDINGS if n in tensors), None)
+    if tied and TIED_OUTPUT in tensors and TIED_OUTPUT not in ref_tensors and embedding \
+            and not _same_bytes(tensors[TIED_OUTPUT], tensors[embedding]):
+        raise TaskvecError(f"{checkpoint.path}: its output embedding '{TIED_OUTPUT}' holds other values than its input "
+                           f"embedding '{embedding}' although its config ties them (transformers then loads it "
+                           f"untied), but {reference.path} ties them; the merge would lose the fine-tune's head: "
+                           "untie the base first")
     for name, ref in ref_tensors.items():
         entry = tensors.get(name)
         if entry is None and name == TIED_OUTPUT and tied:
-            embedding = next((n for n in INPUT_EMBEDDINGS if n in tensors), None)
             entry = tensors.get(embedding) if embedding else None
         if entry is None:
             hint = (" (the base's output embedding is not tied to its input embedding, and this fine-tune "
@@ -120,6 +126,26 @@ def _match(reference, ref_tensors, ref_tied, checkpoint, tensors, sources) -> li
         _check_shape(name, entry, ref)
         sources[name].append(entry)
     return [name for name in tensors if name not in ref_tensors and not (name == TIED_OUTPUT and tied)]
+
+
+def _same_bytes(a: TensorEntry, b: TensorEntry, step: int = 1 << 24) -> bool:
+    """Whether two stored tensors hold the same bytes (a tied pair saved twice), read in steps."""
+    if (a.dtype, a.shape, a.nbytes) != (b.dtype, b.shape, b.nbytes):
+        return False
+    if (a.path, a.offset) == (b.path, b.offset):
+        return True
+    reader = FileReader()
+    try:
+        for start in range(0, a.nbytes, step):
+            size = min(step, a.nbytes - start)
+            first, second = bytearray(size), bytearray(size)
+            reader.read_into(a.path, a.offset + start, memoryview(first))
+            reader.read_into(b.path, b.offset + start, memoryview(second))
+            if first != second:
+                return False
+        return True
+    finally:
+        reader.close()
 
 
 def _match_adapter(reference, ref_tensors, ref_tied, checkpoint, tensors, sources, transposed) -> list[str]:
