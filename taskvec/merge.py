@@ -207,7 +207,8 @@ def _nonfinite_notes(plan: MergePlan, reader: JobReader, counts: dict[str, int],
     for name in list(counts)[:shown]:
         culprits = _nonfinite_inputs(plan, reader, name)
         cause = (", ".join(f"{label} holds {n}" for label, n in culprits.items()) if culprits
-                 else f"the inputs are finite: the result overflows {dtypes[name]}")
+                 else f"the inputs are finite: the result overflows {dtypes[name]}, or the float32 sum of the "
+                      "fine-tunes that forms it does")
         notes.append(f"tensor '{name}': {counts[name]} NaN/inf values in the output ({cause})")
     if len(counts) > shown:
         notes.append(f"{len(counts) - shown} more tensors hold NaN/inf values in the output")

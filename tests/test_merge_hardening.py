@@ -157,3 +157,17 @@ def test_overflow_of_the_output_dtype_is_reported(workdir, tmp_path):
     assert counted == int((~torch.isfinite(merged[name])).sum())
     clean = merge_checkpoints(fts, tmp_path / "clean", base=base, progress=False)
     assert not [n for n in clean.notes if "NaN/inf" in n]
+
+
+def test_a_float32_sum_that_overflows_on_finite_inputs_is_named_in_the_note(workdir, tmp_path):
+    """Fine-tunes near float32's largest value: their mean fits, but the float32 sum that forms
+    it does not, so the output holds inf. The note must not claim the result itself overflows."""
+    base, fts = workdir
+    for directory in (base, *fts):
+        tensors = load_file(directory / "model.safetensors")
+        tensors["transformer.wte.weight"] = torch.full_like(tensors["transformer.wte.weight"],
+                                                            0.0 if directory == base else 3e38)
+        save_file(tensors, directory / "model.safetensors")
+    result = merge_checkpoints(fts, tmp_path / "out", base=base, scale=-1.0, progress=False)
+    (note,) = [n for n in result.notes if "'transformer.wte.weight'" in n]
+    assert "the inputs are finite: the result overflows F32, or the float32 sum of the fine-tunes" in note, note
