@@ -180,6 +180,29 @@ def test_pytorch_bin_inputs(tmp_path, shards, legacy):
     assert provenance["base"]["format"] == "torch" and provenance["finetuned"][1]["format"] == "safetensors"
 
 
+@pytest.mark.parametrize("legacy", [False, True])
+def test_a_tied_head_saved_as_a_view_of_the_embedding_is_no_tensor_of_its_own(tmp_path, legacy):
+    """torch.save(model.state_dict()) of a tied model stores lm_head.weight as a view of wte's
+    storage. It was taken for a tensor of its own: merged (harmless) and, worse, counted by
+    inspect as a second embedding. It is the tied head: left out, as save_pretrained does."""
+    from taskvec.inspect import inspect_checkpoints
+
+    model = tiny_model("gpt2")
+    state = dict(model.state_dict())
+    assert state["lm_head.weight"].data_ptr() == state["transformer.wte.weight"].data_ptr()
+    save_bin(state, tmp_path / "base", legacy=legacy)
+    model.config.save_pretrained(tmp_path / "base")
+    (ft,) = perturbed_copies(model, tmp_path, 1)
+    result = merge_checkpoints([ft], tmp_path / "out", base=tmp_path / "base", progress=False)
+    assert not result.notes[1:], result.notes  # the one-fine-tune note only
+    merged_against_reference(current_state(model), [load_dir(ft)], tmp_path / "out")
+    assert "lm_head.weight" not in load_dir(tmp_path / "out")
+    loads_and_generates(tmp_path / "out")
+    stats = inspect_checkpoints(tmp_path / "base", [ft], progress=False)
+    assert stats["global"]["numel"] == sum(p.numel() for p in model.parameters())  # tied: counted once
+    assert "head" not in stats["groups"]
+
+
 class _Hostile:
     def __init__(self, marker):
         self.marker = marker

@@ -260,7 +260,23 @@ def _checked(checkpoint: Checkpoint) -> Checkpoint:
     if packed is not None:
         raise TaskvecError(f"{checkpoint.tensors[packed].path}: tensor '{packed}' is part of a quantized "
                            "checkpoint; merge the unquantized weights instead")
-    return checkpoint
+    return _alias_of_embedding_dropped(checkpoint)
+
+
+def _alias_of_embedding_dropped(checkpoint: Checkpoint) -> Checkpoint:
+    """A tied head that torch.save stored as a view of the input embedding's storage (the same
+    bytes, as old .bin checkpoints hold it) is not a tensor of its own: dropped, as save_pretrained
+    leaves it out, unless the config unties the two."""
+    head, embedding = checkpoint.tensors.get(layout.TIED_OUTPUT), checkpoint.input_embedding()
+    if head is None or embedding is None or checkpoint.ties_embeddings is False:
+        return checkpoint
+    other = checkpoint.tensors[embedding]
+    if (head.path, head.offset, head.nbytes, head.dtype, head.shape) != \
+            (other.path, other.offset, other.nbytes, other.dtype, other.shape):
+        return checkpoint
+    tensors = {name: entry for name, entry in checkpoint.tensors.items() if name != layout.TIED_OUTPUT}
+    return Checkpoint(checkpoint.path, tensors, checkpoint.config, checkpoint.format, checkpoint.adapter,
+                      checkpoint.label)
 
 
 def copy_side_files(source: Checkpoint, directory: Path, config_updates: dict | None = None) -> list[str]:
