@@ -518,3 +518,61 @@ def test_bins_too_narrow_for_float64_are_refused(models, tmp_path, options, mess
     error line, before anything is read."""
     base, finetuned, _ = models("float32")
     refused(tmp_path, "inspect", "--base", base, finetuned[0], "-o", tmp_path / "out", *options, where=message)
+
+
+def test_stats_json_is_strict_json_with_null_for_nan_and_infinities(tmp_path):
+    """Python's json writes bare NaN and Infinity, which jq and JavaScript refuse."""
+    names = ["transformer.h.0.attn.c_attn.weight", "transformer.h.0.mlp.c_fc.weight"]
+    _save(tmp_path / "base", {name: torch.zeros(4) for name in names})
+    _save(tmp_path / "ft", {names[0]: torch.tensor([0.5, math.nan, 0.0, 0.1]), names[1]: torch.tensor([0.1] * 4)})
+    returned = inspect_checkpoints(tmp_path / "base", [tmp_path / "ft"], output=tmp_path / "out", plot=False,
+                                   progress=False)
+
+    def refuse(token):
+        raise ValueError(f"not strict JSON: {token}")
+
+    written = json.loads((tmp_path / "out" / "stats.json").read_text(), parse_constant=refuse)
+    nan_tensor, finite_tensor = written["tensors"]
+    assert nan_tensor["vectors"]["ft"]["l2"] is None and math.isnan(returned["tensors"][0]["vectors"]["ft"]["l2"])
+    assert finite_tensor["vectors"]["ft"] == returned["tensors"][1]["vectors"]["ft"]  # finite numbers as they are
+
+
+def test_vector_names_that_collide_keep_every_histogram_and_the_mean_its_name(tmp_path):
+    """a/ft and b/ft are ft#1 and ft#2, whose histogram folder ft_1 a directory named ft_1 also
+    wanted (one histogram overwrote the other); a fine-tune named `mean` took the mean's name."""
+    from taskvec.inspect.report import histogram_folders
+
+    name = "transformer.h.0.attn.c_attn.weight"
+    _save(tmp_path / "base", {name: torch.zeros(20)})
+    dirs = []
+    for k, where in enumerate(["a/ft", "b/ft", "ft_1", "mean"]):
+        _save(tmp_path / where, {name: torch.full((20,), 10.0 ** -(k + 2))})
+        dirs.append(tmp_path / where)
+    stats = inspect_checkpoints(tmp_path / "base", dirs, output=tmp_path / "out", plot=False, progress=False)
+    assert stats["vectors"] == ["ft#1", "ft#2", "ft_1", "mean#1", "mean"]
+    assert stats["global"]["vectors"]["mean"]["max"] == pytest.approx(np.mean([1e-2, 1e-3, 1e-4, 1e-5]), rel=1e-6)
+    folders = histogram_folders(stats["vectors"])
+    assert folders == ["ft_1-2", "ft_2", "ft_1", "mean_1", "mean"]
+    for vector, folder in zip(stats["vectors"], folders, strict=True):
+        saved = np.load(tmp_path / "out" / "task_vector_histogram" / folder / "counts.npy")
+        assert saved.tolist() == stats["histograms"]["absolute"]["counts"][vector], vector
+
+
+def test_empty_option_lists_and_models_with_no_entries_are_refused_and_empty_tensors_noted(models, tmp_path):
+    """An empty --thresholds list broke the terminal table after the report was written; a model
+    whose floating tensors have no elements raised an IndexError; empty tensors vanished silently."""
+    base, finetuned, _ = models("float32")
+    for option in ("--thresholds", "--rms-fractions", "--std-fractions"):
+        refused(tmp_path, "inspect", "--base", base, finetuned[0], "-o", tmp_path / "out", option, ",",
+                where=f"{option} must be one or more positive finite numbers, got []")
+    for where in ("ebase", "eft"):
+        _save(tmp_path / where, {"transformer.wte.weight": torch.zeros(0, 4), "transformer.h.0.attn.mask": torch.ones(3,
+              dtype=torch.int64)})
+    refused(tmp_path, "inspect", "--base", tmp_path / "ebase", tmp_path / "eft", "-o", tmp_path / "out",
+            where=f"{tmp_path / 'ebase'}: no floating-point entries to inspect")
+    tensors = load_dir(base)
+    for where, source in (("base2", base), ("ft2", finetuned[0])):
+        _save(tmp_path / where, load_dir(source) | {"transformer.h.0.attn.empty": torch.zeros(0)})
+    stats = inspect_checkpoints(tmp_path / "base2", [tmp_path / "ft2"], progress=False)
+    assert "1 empty tensors skipped (transformer.h.0.attn.empty)" in stats["notes"]
+    assert stats["global"]["numel"] == sum(t.numel() for t in tensors.values() if t.is_floating_point())

@@ -77,15 +77,18 @@ def inspect_checkpoints(
     where = _device(device, torch)
     checkpoints = [open_checkpoint(path, input_label(name, path)) for name, path in zip(names, paths, strict=True)]
     n_finetuned = len(finetuned)
-    vectors = _unique([c.label for c in checkpoints[1:1 + n_finetuned]] + ["mean"] * (n_finetuned >= 2)
-                      + [c.label for c in checkpoints[1 + n_finetuned:]])
+    labels = _unique([c.label for c in checkpoints[1:]], reserved={"mean"} if n_finetuned >= 2 else set())
+    vectors = labels[:n_finetuned] + ["mean"] * (n_finetuned >= 2) + labels[n_finetuned:]
     per_vector = max(4, parse_size(chunk_size) // len(vectors))
     plan = plan_merge(checkpoints, chunk_bytes=per_vector, strict=strict)
+    measured = {s.name for job in plan.jobs if job.kind == "combine" for s in job.segments if s.numel}
     skipped = list(dict.fromkeys(s.name for job in plan.jobs if job.kind != "combine" for s in job.segments))
-    if len(skipped) == len(plan.outputs):
-        raise TaskvecError(f"{checkpoints[0].path}: no floating-point tensors to inspect")
-    notes = plan.notes + ([f"{len(skipped)} integer or boolean buffers skipped ({', '.join(skipped[:3])}"
-                           f"{' ...' if len(skipped) > 3 else ''})"] if skipped else [])
+    empty = [spec.name for spec in plan.outputs if spec.name not in measured and spec.name not in skipped]
+    if not measured:
+        raise TaskvecError(f"{checkpoints[0].path}: no floating-point entries to inspect")
+    notes = plan.notes + [f"{len(names)} {what} skipped ({', '.join(names[:3])}{' ...' if len(names) > 3 else ''})"
+                          for what, names in (("integer or boolean buffers", skipped), ("empty tensors", empty))
+                          if names]
     bytes_read = sum(job.nbytes_in * plan.n_inputs for job in plan.jobs if job.kind == "combine")
     bar = progress_bar(progress, total=bytes_read, unit="B", unit_scale=True, desc="taskvec inspect")
     try:
@@ -173,12 +176,13 @@ def _device(name: str, torch):
     return torch.device(name)
 
 
-def _unique(labels: list[str]) -> list[str]:
-    """Vector names, numbered where two inputs share a directory name."""
+def _unique(labels: list[str], reserved: set[str]) -> list[str]:
+    """Vector names: numbered where two inputs share a directory name, or where one is named like
+    a vector of its own (`mean`, which stays the mean's name)."""
     seen: dict[str, int] = {}
     result = []
     for label in labels:
         seen[label] = seen.get(label, 0) + 1
-        result.append(label if seen[label] == 1 and labels.count(label) == 1 else f"{label}#{seen[label]}")
+        alone = labels.count(label) == 1 and label not in reserved
+        result.append(label if alone else f"{label}#{seen[label]}")
     return result
-

@@ -5,6 +5,7 @@ absolute histogram as the original get_task_vector_histogram saved it (numpy.his
 from __future__ import annotations
 
 import csv
+import math
 import re
 from pathlib import Path
 
@@ -21,11 +22,11 @@ _SHARES = ("below_abs", "below_rms", "below_std")
 
 def write_report(directory: Path, stats: dict) -> list[str]:
     """Write stats.json, tensors.csv and the .npy histograms into `directory`; the names written."""
-    write_json(directory / STATS_FILE, stats, fsync=False)
+    write_json(directory / STATS_FILE, strict_json(stats), fsync=False)
     _write_csv(directory / TENSORS_FILE, stats)
     absolute = stats["histograms"]["absolute"]
-    for vector in stats["vectors"]:
-        folder = directory / HISTOGRAM_DIR / path_safe(vector)
+    for vector, folder_name in zip(stats["vectors"], histogram_folders(stats["vectors"]), strict=True):
+        folder = directory / HISTOGRAM_DIR / folder_name
         folder.mkdir(parents=True, exist_ok=True)
         np.save(folder / "counts.npy", np.asarray(absolute["counts"][vector], dtype=np.int64))
         np.save(folder / "bin_edges.npy", np.asarray(absolute["edges"], dtype=np.float64))
@@ -35,6 +36,36 @@ def write_report(directory: Path, stats: dict) -> list[str]:
 def path_safe(name: str) -> str:
     """A vector's name as one path component."""
     return re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip(".") or "vector"
+
+
+def histogram_folders(vectors: list[str]) -> list[str]:
+    """Each vector's folder under task_vector_histogram/: its name where that is path-safe, else
+    its path-safe form, with -2, -3, ... where that is taken (`ft#1` beside a vector `ft_1`), so
+    no histogram overwrites another."""
+    folders = {vector: vector for vector in vectors if path_safe(vector) == vector}
+    taken = set(folders)
+    for vector in vectors:
+        if vector in folders:
+            continue
+        folder, k = path_safe(vector), 1
+        while folder in taken:
+            k += 1
+            folder = f"{path_safe(vector)}-{k}"
+        taken.add(folder)
+        folders[vector] = folder
+    return [folders[vector] for vector in vectors]
+
+
+def strict_json(value):
+    """`value` with NaN and infinite floats as None: stats.json stays JSON that every parser reads
+    (Python's json writes bare NaN and Infinity); the notes say which vectors hold such values."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {key: strict_json(item) for key, item in value.items()}
+    if isinstance(value, list | tuple):
+        return [strict_json(item) for item in value]
+    return value
 
 
 def _write_csv(path: Path, stats: dict) -> None:

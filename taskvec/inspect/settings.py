@@ -31,8 +31,8 @@ class Settings:
             raise TaskvecError(f"--p must be a positive finite number, got {self.p}")
         for option, values in (("--thresholds", self.thresholds), ("--rms-fractions", self.rms_fractions),
                                ("--std-fractions", self.std_fractions)):
-            if not all(math.isfinite(v) and v > 0 for v in values):
-                raise TaskvecError(f"{option} must be positive finite numbers, got {list(values)}")
+            if not values or not all(math.isfinite(v) and v > 0 for v in values):
+                raise TaskvecError(f"{option} must be one or more positive finite numbers, got {list(values)}")
         if self.bins < 1:
             raise TaskvecError(f"--bins must be at least 1, got {self.bins}")
         for option, value in (("--range", self.range), ("--norm-range", self.norm_range),
