@@ -194,15 +194,21 @@ class Totals:
 
 
 class BaseSpread:
-    """A base tensor's mean and spread from its slices, by Chan et al.'s pairwise update of mean
-    and squared deviations: no cancellation for a LayerNorm weight near 1 with a small spread."""
+    """A base tensor's spread from its slices, by Chan et al.'s pairwise update of mean and
+    squared deviations, of the values less `pivot`, the tensor's first value: a LayerNorm weight
+    near 1 with a spread of 1e-7 would otherwise keep the slices' means, and so the deviations
+    between them, only to float64 rounding of 1 (1e-9 of its spread, not 1e-16)."""
 
     def __init__(self) -> None:
         self.n, self.mean, self.m2 = 0, 0.0, 0.0
+        self.pivot: float | None = None
 
     def add(self, base: torch.Tensor) -> None:
-        mean = float(base.mean())
-        self.add_moments(base.numel(), mean, float(((base - mean) ** 2).sum()))
+        if self.pivot is None:
+            self.pivot = float(base[0])
+        shifted = base - self.pivot
+        mean = float(shifted.mean())
+        self.add_moments(base.numel(), mean, float(((shifted - mean) ** 2).sum()))
 
     def add_moments(self, count: int, mean: float, m2: float) -> None:
         """A slice given by its size, mean and sum of squared deviations from that mean."""

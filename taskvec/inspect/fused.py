@@ -26,6 +26,7 @@ against the edges themselves (so the rounding of the position never decides a sl
 
 from __future__ import annotations
 
+import ctypes
 import math
 import os
 from concurrent.futures import ThreadPoolExecutor
@@ -105,17 +106,26 @@ def _tile(addresses, wide, j0, m, n_finetuned, with_mean, tau, base, zero):
             mean[j] /= n_finetuned
 
 
+@numba.njit(nogil=True, cache=True)
+def _shifted(base, m, pivot, out):
+    """out[:m] = base - pivot, as written (no fastmath: reassociated with the mean's subtraction,
+    it would round at the values' scale again)."""
+    for j in range(m):
+        out[j] = base[j] - pivot
+
+
 @numba.njit(nogil=True, cache=True, fastmath={"reassoc", "contract"})
-def _spread(base, m, spread):
-    """Add the base's m values to spread = (count, mean, sum of squared deviations): the tile's
-    own two passes, then Chan et al.'s pairwise update (as BaseSpread.add_moments)."""
+def _spread(shifted, m, spread):
+    """Add m base values, as shifted by the tensor's pivot (BaseSpread), to spread = (count,
+    mean, sum of squared deviations): the tile's own two passes, then Chan et al.'s pairwise
+    update (as BaseSpread.add_moments)."""
     total = 0.0
     for j in range(m):
-        total += base[j]
+        total += shifted[j]
     mean = total / m
     m2 = 0.0
     for j in range(m):
-        deviation = base[j] - mean
+        deviation = shifted[j] - mean
         m2 += deviation * deviation
     count = spread[0] + m
     delta = mean - spread[1]
@@ -279,22 +289,24 @@ def _agreement(positive, negative, words, n_finetuned, agree, all_agree, block):
 
 @numba.njit(nogil=True, cache=True)
 def _accumulate(addresses, wide, start, stop, block, n_finetuned, with_mean, power, threshold_bits, above, lower,
-                upper, first, per_unit, log_bins, spread, sums, gram, ordered, nans, zeros, below, agree, all_agree,
-                hist, grid, key_low, key_high):
+                upper, first, per_unit, log_bins, spread, pivot, sums, gram, ordered, nans, zeros, below, agree,
+                all_agree, hist, grid, key_low, key_high):
     """Add elements start..stop of the rows at `addresses` (inputs; row 0: the base; float64
     where `wide`, else float32) to the accumulators of `block` (their leading axis), tile by
-    tile."""
+    tile; the base's spread about `pivot`."""
     rows = sums.shape[1]
     tau = np.empty((rows, TILE), dtype=np.float64)
     base = np.empty(TILE, dtype=np.float64)
     zero = np.zeros(TILE, dtype=np.float64)
+    shifted = np.empty(TILE, dtype=np.float64)
     positive = np.empty((rows, TILE // 64), dtype=np.uint64)
     negative = np.empty((rows, TILE // 64), dtype=np.uint64)
     cut = np.empty(TILE, dtype=np.int64)
     for j0 in range(start, stop, TILE):
         m = min(TILE, stop - j0)
         _tile(addresses, wide, j0, m, n_finetuned, with_mean, tau, base, zero)
-        _spread(base, m, spread[block])
+        _shifted(base, m, pivot, shifted)
+        _spread(shifted, m, spread[block])
         _moments(tau, m, power, sums[block], gram[block])
         _counts(tau, m, threshold_bits, ordered[block], nans[block], zeros[block], below[block], key_low[block],
                 key_high[block], positive, negative)
@@ -383,6 +395,8 @@ class FusedState:
             self.grid.fill(0)
             self.pending = 0
         self.pending += numel
+        if self.base.pivot is None:  # the tensor's first slice: its first base value
+            self.base.pivot = (ctypes.c_double if wide else ctypes.c_float).from_address(int(addresses[0])).value
         blocks = self.blocks if numel >= self.blocks * PARALLEL_MIN else 1
         spans = [(numel * k // blocks, numel * (k + 1) // blocks, k) for k in range(blocks)]
         if blocks == 1:
@@ -399,8 +413,8 @@ class FusedState:
         lower, upper, first, per_unit, log = self.binning
         _accumulate(addresses, wide, start, stop, block, self.n_finetuned, self.rows > len(addresses) - 1,
                     self.power, self.threshold_bits, self.cells.above, lower, upper, first, per_unit, log,
-                    self.spread, self.sums, self.gram, self.ordered, self.nans, self.zeros, self.below, self.agree,
-                    self.all_agree, self.hist, self.grid, self.key_low, self.key_high)
+                    self.spread, self.base.pivot, self.sums, self.gram, self.ordered, self.nans, self.zeros,
+                    self.below, self.agree, self.all_agree, self.hist, self.grid, self.key_low, self.key_high)
 
     def close(self) -> None:
         """Stop the block threads."""
