@@ -280,7 +280,8 @@ def test_mixed_dtypes_are_cast_on_read(models):
     base, _, _ = models("bfloat16")
     _, finetuned, _ = models("float32")
     stats = inspect_checkpoints(base, finetuned, progress=False)
-    assert any("differ in dtype" in note for note in stats["notes"])
+    (note,) = [note for note in stats["notes"] if "differ in dtype" in note]
+    assert note.endswith("each tensor is read as float32 (float64 where an input holds it so) and measured in float64")
     check_all(stats, reference_vectors(base, finetuned), DEFAULTS, N)
 
 
