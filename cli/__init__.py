@@ -14,6 +14,7 @@ from contextlib import contextmanager
 import click
 
 from taskvec import __version__
+from taskvec.cli.options import OneValueGroup
 from taskvec.errors import TaskvecError
 
 # command name -> "module:function" (module relative to taskvec.cli)
@@ -32,7 +33,7 @@ COMMANDS = {
 }
 
 
-class LazyGroup(click.Group):
+class LazyGroup(OneValueGroup):
     """A group that resolves its subcommands on first use."""
 
     def list_commands(self, ctx):

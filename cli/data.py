@@ -2,10 +2,10 @@
 
 import click
 
-from taskvec.cli.options import SEED
+from taskvec.cli.options import SEED, OneValueGroup
 
 
-@click.group()
+@click.group(cls=OneValueGroup)
 def data():
     """Prepare training text: pick the toxic rows of a corpus, split them into N disjoint sets.
 

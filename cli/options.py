@@ -38,3 +38,29 @@ def _range(start, stop, step, kind, param, ctx) -> list[float]:
 
 
 SCALES = ScaleList()
+
+
+class OneValueGroup(click.Group):
+    """A group whose commands refuse an option of one value given twice: click keeps the last
+    silently, so `negate --finetuned A --finetuned B` would negate B alone and exit 0."""
+
+    def resolve_command(self, ctx, args):
+        name, command, rest = super().resolve_command(ctx, args)
+        if command is not None:
+            _refuse_repeated_options(command, rest)
+        return name, command, rest
+
+
+def _refuse_repeated_options(command: click.Command, args: list[str]) -> None:
+    single = {name: option for option in command.params if isinstance(option, click.Option)
+              and not (option.multiple or option.count or option.is_flag) for name in option.opts}
+    seen = set()
+    for arg in args:
+        if arg == "--":
+            break
+        option = single.get(arg.split("=", 1)[0])
+        if option is None:
+            continue
+        if option.name in seen:
+            raise click.UsageError(f"option {max(option.opts, key=len)} is given more than once; it takes one value")
+        seen.add(option.name)

@@ -177,7 +177,9 @@ def test_keep_models_keeps_the_multi_scale_merge_and_points_match_plain_eval(inp
 ])
 def test_bad_grids_are_one_line_errors_before_anything_runs(inputs, tmp_path, extra, message):
     output = tmp_path / "out"
-    result = CliRunner().invoke(main, args(inputs, output) + extra)
+    option, value = extra  # --scales and --seeds replace args()'s own (an option given twice is refused)
+    command = args(inputs, output, *extra) if option == "--methods" else args(inputs, output, **{option[2:]: value})
+    result = CliRunner().invoke(main, command)
     assert result.exit_code == 1 and result.output.strip() == message
     assert not output.exists()
 
