@@ -3,8 +3,10 @@
 This is the Hugging Face "perplexity of fixed-length models" recipe: the texts are joined with
 "\n\n" and tokenised once; windows of `max_length` tokens start every `stride` tokens, and each
 window scores only the tokens no earlier window scored, so every token after the first is
-predicted exactly once, from up to max_length - stride tokens of context. The result is the
-exponential of the mean negative log-likelihood over all predicted tokens (accumulated in float64).
+predicted exactly once, from up to max_length - stride tokens of context; with stride equal to
+max_length (windows that do not overlap) the first token of each window has no context and, as in
+the recipe, is not predicted. The result is the exponential of the mean negative log-likelihood
+over all predicted tokens (accumulated in float64); a NaN or overflowing one is an error.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from taskvec.rows import read_text
 WIKITEXT = ("wikitext", "wikitext-103-raw-v1", "test")
 # Tokens per forward pass when windows are batched: 64 windows of 64 tokens, 4 of 1024, one of 4096 or more.
 BATCH_TOKENS = 4096
+_LARGEST_EXPONENT = math.log(float.fromhex("0x1.fffffffffffffp+1023"))  # exp of more overflows a float
 
 
 def load_ppl_texts(files: Sequence[str | Path] = ()) -> list[str]:
@@ -81,7 +84,12 @@ def perplexity(model, tokenizer, texts: Sequence[str], *, stride: int = 512, max
                 nll_sum -= log_probs.gather(1, window[first:, None]).double().sum().item()
             scored += len(batch) * (length - first)
             bar.update(len(batch))
-    return math.exp(nll_sum / scored)
+    mean_nll = nll_sum / scored
+    if not mean_nll < _LARGEST_EXPONENT:  # NaN too: its comparisons are false
+        what = "is NaN" if math.isnan(mean_nll) else "overflows"
+        raise TaskvecError(f"perplexity {what}: the mean negative log-likelihood is {mean_nll:g} nats per token "
+                           "(NaN or infinite logits, or weights far from any trained model)")
+    return math.exp(mean_nll)
 
 
 def _windows(n_ids: int, stride: int, max_length: int) -> list[tuple[int, int, int]]:

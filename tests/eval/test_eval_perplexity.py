@@ -111,3 +111,18 @@ def test_errors(tiny_loaded):
         perplexity(model, tokenizer, SENTENCES, stride=0, progress=False)
     with pytest.raises(TaskvecError, match=r"perplexity window 65 exceeds the model's context of 64 positions"):
         perplexity(model, tokenizer, SENTENCES, max_length=65, progress=False)
+
+
+@pytest.mark.parametrize(("edit", "message"), [
+    (lambda weight: weight.mul_(3000.0), r"perplexity overflows: the mean negative log-likelihood is \d+\.?\d* nats"),
+    (lambda weight: weight.__setitem__(0, math.nan), "perplexity is NaN: the mean negative log-likelihood is nan"),
+])
+def test_a_broken_model_is_refused_instead_of_an_overflow_or_a_nan(tiny_loaded, edit, message):
+    """A final LayerNorm scaled 3000x gives a mean NLL above 709 nats, whose exp overflowed with a
+    traceback (OverflowError); a NaN weight gave a NaN perplexity, written silently."""
+    model, tokenizer = tiny_loaded
+    broken = copy.deepcopy(model)
+    with torch.no_grad():
+        edit(broken.transformer.ln_f.weight)
+    with pytest.raises(TaskvecError, match=message):
+        perplexity(broken, tokenizer, SENTENCES, progress=False)
