@@ -68,7 +68,7 @@ def read_generations(path: str | Path) -> list[dict]:
                    for generation in _jsonl_records(path, number, record)]
     if not records:
         raise TaskvecError(f"generations file {path} has no generations")
-    return _number_prompts(records)
+    return _number_prompts(records, path)
 
 
 def _read_csv(path: Path) -> list[dict]:
@@ -100,7 +100,7 @@ def _jsonl_records(path: Path, number: int, record: dict) -> list[dict]:
         if "generations" in record:
             if not isinstance(record["generations"], list):
                 raise ValueError("'generations' must be a list of strings or objects with a 'text' string")
-            return [{"prompt_id": f"line{number}", "prompt": prompt, "sample": j,
+            return [{"prompt_id": None, "line": number, "prompt": prompt, "sample": j,
                      "continuation": text_field({"generation": g}, "generation")}
                     for j, g in enumerate(record["generations"])]
         return [{"prompt_id": record.get("prompt_id"), "prompt": prompt, "sample": record.get("sample"),
@@ -109,11 +109,19 @@ def _jsonl_records(path: Path, number: int, record: dict) -> list[dict]:
         raise TaskvecError(f"{where}: {err}") from None
 
 
-def _number_prompts(records: list[dict]) -> list[dict]:
-    """Fill missing prompt ids (a new one whenever the prompt changes) and sample indices."""
+def _number_prompts(records: list[dict], path: Path) -> list[dict]:
+    """Fill missing prompt ids (a line's `generations` share one; else a new one whenever the
+    prompt changes) and sample indices. Ids are given to all records or to none: one made up for
+    a record could be another's own, and two prompts would then count as one."""
+    given = sum(record["prompt_id"] is not None for record in records)
+    if 0 < given < len(records):
+        raise TaskvecError(f"{path}: {given} generations have a prompt_id and {len(records) - given} have none; "
+                           "give every generation a prompt_id, or none")
     prompt_id, counts = -1, {}
     for index, record in enumerate(records):
-        if record["prompt_id"] is None:
+        if "line" in record:
+            record["prompt_id"] = f"line{record.pop('line')}"
+        elif record["prompt_id"] is None:
             if index == 0 or record["prompt"] != records[index - 1]["prompt"]:
                 prompt_id += 1
             record["prompt_id"] = f"p{prompt_id}"

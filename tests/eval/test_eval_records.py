@@ -53,6 +53,19 @@ def test_bad_generation_files(tmp_path, name, content, message):
         read_generations(tmp_path / name)
 
 
+@pytest.mark.parametrize("name, content", [
+    ("g.jsonl", '{"prompt_id": "p0", "prompt": "A", "continuation": "x"}\n{"prompt": "B", "continuation": "y"}\n'),
+    ("g.jsonl", '{"prompt_id": "line2", "prompt": "A", "continuation": "x"}\n{"prompt": "B", "generations": ["y"]}\n'),
+    ("g.csv", "prompt_id,prompt,continuation\np0,A,x\n,B,y\n"),
+])
+def test_prompt_ids_on_some_generations_only_are_refused(tmp_path, name, content):
+    """Ids made up for the records without one (p0, p1, ..., or line<N> for a generations list)
+    collided with the given ones: prompts A and B were scored as one prompt, exit 0."""
+    (tmp_path / name).write_text(content)
+    with pytest.raises(TaskvecError, match=f"{name}: 1 generations have a prompt_id and 1 have none; give every"):
+        read_generations(tmp_path / name)
+
+
 def test_missing_generations(tmp_path):
     with pytest.raises(TaskvecError, match="generations.jsonl does not exist"):
         read_generations(tmp_path)
