@@ -3,6 +3,7 @@ shows their defaults without importing torch or transformers."""
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from taskvec.errors import TaskvecError
@@ -62,12 +63,13 @@ class TrainConfig:
                     "save_steps": self.save_steps, "logging_steps": self.logging_steps}
         if self.max_steps is not None:
             positive["max_steps"] = self.max_steps
-        for name, value in positive.items():
-            if not value > 0:
-                raise TaskvecError(f"{name} must be positive, got {value}")
+        for name, value in positive.items():  # finite too: an infinite rate or decay trains NaN weights
+            if not (value > 0 and math.isfinite(value)):
+                raise TaskvecError(f"{name} must be a positive finite number, got {value}")
         for name in ("weight_decay", "warmup_steps", "max_grad_norm"):
-            if getattr(self, name) < 0:
-                raise TaskvecError(f"{name} must not be negative, got {getattr(self, name)}")
+            value = getattr(self, name)
+            if not (value >= 0 and math.isfinite(value)):
+                raise TaskvecError(f"{name} must be a finite number, not negative, got {value}")
         if self.precision not in PRECISIONS:
             raise TaskvecError(f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
         for name, allowed in (("optim", OPTIMIZERS), ("model_dtype", MODEL_DTYPES),
@@ -81,8 +83,8 @@ class TrainConfig:
                     raise TaskvecError(f"{name} is a LoRA setting; set lora_rank (--lora-rank) to train LoRA")
         elif not self.lora_rank > 0:
             raise TaskvecError(f"lora_rank must be positive, got {self.lora_rank}")
-        if self.lora_alpha is not None and not self.lora_alpha > 0:
-            raise TaskvecError(f"lora_alpha must be positive, got {self.lora_alpha}")
+        if self.lora_alpha is not None and not (self.lora_alpha > 0 and math.isfinite(self.lora_alpha)):
+            raise TaskvecError(f"lora_alpha must be a positive finite number, got {self.lora_alpha}")
         if self.lora_target_modules is not None and not (self.lora_target_modules and all(self.lora_target_modules)):
             raise TaskvecError(f"lora_target_modules must be module names, got {self.lora_target_modules!r}")
         if not 0 <= self.lora_dropout < 1:

@@ -2,6 +2,7 @@
 reference, resuming a killed run, --split-index, skipping finished splits, and bad input."""
 
 import json
+import math
 import os
 
 import pytest
@@ -307,7 +308,7 @@ def not_causal(tmp_path_factory, tokenizer):
     ("empty_dir", "not a model directory"),
     ("no_weights", "cannot load its weights"),
     ("no_texts", "no texts to train on"),
-    ("bad_config", "learning_rate must be positive"),
+    ("bad_config", "learning_rate must be a positive finite number"),
 ])
 def test_bad_finetune_input_writes_nothing(tmp_path, base, not_causal, case, message):
     model, texts, config = base, TEXTS, TrainConfig(**FAST)
@@ -329,6 +330,23 @@ def test_bad_finetune_input_writes_nothing(tmp_path, base, not_causal, case, mes
     with pytest.raises(TaskvecError, match=message):
         finetune(model, texts, tmp_path / "out" / "ft", config)
     assert not (tmp_path / "out").exists() or list((tmp_path / "out").iterdir()) == []
+
+
+@pytest.mark.parametrize(("field", "value", "message"), [
+    ("learning_rate", math.inf, "learning_rate must be a positive finite number, got inf"),
+    ("learning_rate", math.nan, "learning_rate must be a positive finite number, got nan"),
+    ("epochs", math.inf, "epochs must be a positive finite number, got inf"),
+    ("weight_decay", math.inf, "weight_decay must be a finite number, not negative, got inf"),
+    ("weight_decay", math.nan, "weight_decay must be a finite number, not negative, got nan"),
+    ("max_grad_norm", math.inf, "max_grad_norm must be a finite number, not negative, got inf"),
+    ("lora_alpha", math.inf, "lora_alpha must be a positive finite number, got inf"),
+])
+def test_non_finite_options_are_refused(field, value, message):
+    """--lr inf and --weight-decay nan or inf trained every weight to NaN with exit 0; --epochs inf
+    raised an OverflowError traceback and left a checkpoint folder."""
+    extra = {"lora_rank": 4} if field == "lora_alpha" else {}
+    with pytest.raises(TaskvecError, match=message):
+        TrainConfig(**{**FAST, **extra, field: value}).validate()
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="mixed precision is refused only without a GPU")
