@@ -9,11 +9,14 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import tempfile
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
+
+import numpy as np
 
 from taskvec.errors import TaskvecError, brief
 from taskvec.hf import load_hub_dataset
@@ -77,7 +80,7 @@ def load_texts(source: str, *, text_column: str | None = None, score_column: str
     texts = columns[text_column]
     if score_column is not None:
         scores = columns[score_column]
-        texts = [t for t, s in zip(texts, scores, strict=True) if _score(s, source, score_column) > threshold]
+        texts = [t for t, s in zip(texts, scores, strict=True) if _above(_score(s, source, score_column), threshold)]
     kept = [t for t in texts if isinstance(t, str) and t.strip()]
     if not kept:
         rule = f" with {score_column} > {threshold}" if score_column else ""
@@ -85,9 +88,20 @@ def load_texts(source: str, *, text_column: str | None = None, score_column: str
     return kept[:max_rows]
 
 
+def _above(score: float, threshold: float) -> bool:
+    """score > threshold, in float32 where the score is a float32 value: hub datasets store scores
+    so (civil_comments' toxicity), and a float32 0.8 is 0.800000011920929, above the 0.8 it equals."""
+    single = np.float32(score)
+    if math.isfinite(score) and float(single) == score:
+        return bool(single > np.float32(threshold))
+    return score > threshold
+
+
 def _score(value, source: str, column: str) -> float:
     if value is None or (isinstance(value, str) and not value.strip()):
         return float("-inf")  # a missing score (JSON null, empty CSV cell) never passes the threshold
+    if isinstance(value, bool):
+        raise TaskvecError(f"{source}: score column {column!r} holds a boolean, not a number: {value!r}")
     try:
         return float(value)
     except (TypeError, ValueError):

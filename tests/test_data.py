@@ -7,6 +7,7 @@ from collections import Counter
 
 import datasets
 import huggingface_hub.constants
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
@@ -67,6 +68,26 @@ def test_local_files_keep_rows_strictly_above_threshold(sources, kind):
     assert load_texts(str(path), text_column="comment", score_column="tox", max_rows=2) == TOXIC[:2]
     everything = load_texts(str(path), text_column="comment")
     assert everything == [t for t, _ in ROWS if t.strip()]
+
+
+def test_float32_scores_at_the_threshold_do_not_pass_it(tmp_path):
+    """Hub datasets store scores as float32 (civil_comments' toxicity): its 0.8 reads as
+    0.800000011920929, which passed `> 0.8`, so every comment scored exactly 0.8 was kept. A
+    score that is a float32 value is compared in float32; others (0.8 + one float64 step) as
+    they are. Booleans are no scores (True read as 1.0 passed)."""
+    single = float(np.float32(0.8))
+    assert single > 0.8
+    rows = [("at the line, float32", single), ("above, float32", float(np.float32(0.9))),
+            ("just above, float64", float(np.nextafter(0.8, 1))), ("below", float(np.float32(0.7)))]
+    pq.write_table(pa.table({"text": [t for t, _ in rows], "tox": pa.array([s for _, s in rows], pa.float32())}),
+                   tmp_path / "f32.parquet")
+    (tmp_path / "f64.jsonl").write_text("".join(json.dumps({"text": t, "tox": v}) + "\n" for t, v in rows))
+    assert load_texts(str(tmp_path / "f32.parquet"), score_column="tox", threshold=0.8) == ["above, float32"]
+    assert load_texts(str(tmp_path / "f64.jsonl"), score_column="tox", threshold=0.8) == [
+        "above, float32", "just above, float64"]
+    (tmp_path / "bool.jsonl").write_text(json.dumps({"text": "x", "tox": True}) + "\n")
+    with pytest.raises(TaskvecError, match="score column 'tox' holds a boolean, not a number: True"):
+        load_texts(str(tmp_path / "bool.jsonl"), score_column="tox")
 
 
 def test_csv_scores_are_parsed(tmp_path):
