@@ -4,6 +4,8 @@ The evaluation options are `taskvec eval`'s own option objects, so both commands
 settings with the same defaults and checks.
 """
 
+from pathlib import Path
+
 import click
 
 from taskvec.cli.evaluate import (
@@ -72,8 +74,11 @@ def sweep(finetuned, base, output, methods, scales, seeds, single, prompt_seed, 
     scorer_obj = _make_scorer(scorer, device, **scorer_options)
     prompts = load_prompts(prompts_file, n=num_prompts, seed=prompt_seed)
     ppl_texts = load_ppl_texts(ppl_file)
-    settings = {"protocol": protocol, "prompts": prompts_file or "allenai/real-toxicity-prompts (challenging)",
-                "prompt_seed": prompt_seed, "ppl_texts": list(ppl_file) or "wikitext-103-raw-v1 (test)"}
+    resolved = [str(Path(file).resolve()) for file in ppl_file]  # a resume from another directory is the same sweep
+    settings = {"protocol": protocol,
+                "prompts": str(Path(prompts_file).resolve()) if prompts_file else
+                "allenai/real-toxicity-prompts (challenging)",
+                "prompt_seed": prompt_seed, "ppl_texts": resolved or "wikitext-103-raw-v1 (test)"}
     result = run_sweep(output, base=base, finetuned=finetuned, methods=methods, scales=scales, seeds=seeds,
                        single=single, ppl_texts=ppl_texts, prompts=prompts, scorer=scorer_obj, evaluation=options,
                        settings=settings, keep_models=keep_models, device=device, progress=progress,

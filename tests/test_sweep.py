@@ -227,3 +227,62 @@ def test_a_worker_pool_evaluates_the_points_with_the_same_numbers_and_lines(inpu
         assert json.loads((twin / "summary.json").read_text())["perplexity"] == \
             json.loads((point / "summary.json").read_text())["perplexity"]
     assert not any((tmp_path / "pooled" / "models").glob("*/scale-*"))  # deleted once evaluated, as without a pool
+
+
+def test_a_method_is_added_to_a_sweep_or_left_out_of_a_rerun(inputs, tmp_path, counted):
+    """A sweep of `merged` rerun with `merged,single` adds single's points (the docs say methods are
+    added); a rerun naming `merged` alone resumes it. Both were refused as other inputs ("single:
+    None there")."""
+    output = tmp_path / "out"
+    assert CliRunner().invoke(main, args(inputs, output, "--methods", "merged", scales="0.5", seeds="0")).exit_code == 0
+    counted.clear()
+    added = CliRunner().invoke(main, args(inputs, output, "--methods", "merged,single", scales="0.5", seeds="0"))
+    assert added.exit_code == 0, added.output
+    assert counted == [("perplexity", None), ("seed-0", 0)]  # single at 0.5 only
+    counted.clear()
+    subset = CliRunner().invoke(main, args(inputs, output, "--methods", "merged", scales="0.5", seeds="0"))
+    assert subset.exit_code == 0, subset.output
+    assert counted == []
+    assert json.loads((output / "sweep.json").read_text())["methods"] == ["merged", "single"]
+
+
+def test_a_rerun_after_an_input_was_replaced_in_place_is_refused(inputs, tmp_path):
+    """Inputs were known by path only: new weights under the old path resumed silently, and one
+    curve mixed points of the old and the new model."""
+    import shutil
+
+    root, finetuned = inputs
+    copies = []
+    for path in finetuned:
+        shutil.copytree(path, tmp_path / path.name)
+        copies.append(tmp_path / path.name)
+    moved = (root, copies)
+    output = tmp_path / "out"
+    assert CliRunner().invoke(main, args(moved, output, "--methods", "merged", scales="0.5", seeds="0")).exit_code == 0
+    state = load_dir(copies[1])
+    state["transformer.wte.weight"] = state["transformer.wte.weight"] + 0.01
+    from safetensors.torch import save_file
+
+    save_file(state, copies[1] / "model.safetensors")
+    result = CliRunner().invoke(main, args(moved, output, "--methods", "merged", scales="0.5,1", seeds="0"))
+    assert result.exit_code == 1
+    assert result.output.startswith(f"Error: {output} holds a sweep with other inputs (fingerprints: "), result.output
+
+
+def test_a_sweep_resumes_from_another_working_directory(inputs, tmp_path, monkeypatch, counted):
+    """--ppl-file and --prompts were recorded as typed: the same sweep, rerun with the paths
+    relative to another directory, was refused as other evaluation."""
+    root, finetuned = inputs
+    output = tmp_path / "out"
+    monkeypatch.chdir(root)
+    command = args(inputs, output, scales="0.5", seeds="0")
+    for option, name in (("--ppl-file", "ppl.txt"), ("--prompts", "prompts.txt")):
+        command[command.index(option) + 1] = name
+    assert CliRunner().invoke(main, command).exit_code == 0
+    monkeypatch.chdir(root.parent)
+    for option, name in (("--ppl-file", "ppl.txt"), ("--prompts", "prompts.txt")):
+        command[command.index(option) + 1] = f"{root.name}/{name}"
+    counted.clear()
+    result = CliRunner().invoke(main, command)
+    assert result.exit_code == 0, result.output
+    assert counted == []

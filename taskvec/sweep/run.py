@@ -83,9 +83,11 @@ def run_sweep(output: str | Path, *, base: str | Path, finetuned: Sequence[str |
     root = check_output(output, [base, *finetuned, single], overwrite=True)
     described = {**evaluation, **(settings or {}), "scorer": {"name": scorer.name, **scorer.settings},
                  "prompts_sha256": _digest(prompts), "n_prompts": len(prompts), "ppl_texts_sha256": _digest(ppl_texts)}
-    identity = {"inputs": {"base": _where(base), "finetuned": [_where(p) for p in finetuned],
-                           "single": _where(single) if "single" in methods else None},
-                "evaluation": _plain(described)}
+    inputs = {"base": _where(base), "finetuned": [_where(p) for p in finetuned],
+              "fingerprints": {"base": _fingerprint(base), "finetuned": [_fingerprint(p) for p in finetuned]}}
+    if "single" in methods:  # only what this run evaluates: a later run may add the method, or leave it out
+        inputs |= {"single": _where(single), "single_fingerprint": _fingerprint(single)}
+    identity = {"inputs": inputs, "evaluation": _plain(described)}
     record = _open_sweep(root, identity, methods, scales, seeds)
     context = _Context(root, seeds, ppl_texts, prompts, scorer, evaluation, settings or {}, device, progress)
     points = _Points(root, context, pool, keep_models, echo)
@@ -134,6 +136,14 @@ def _where(path) -> str:
     return str(Path(path).resolve()) if Path(path).exists() else str(path)
 
 
+def _fingerprint(path) -> str | None:
+    """A local model's fingerprint (its tensor table and the ends of its weight files): a rerun
+    after its weights were replaced in place must not resume points made from the old ones."""
+    from taskvec.io.checkpoint import open_checkpoint
+
+    return open_checkpoint(path).fingerprint() if Path(path).exists() else None
+
+
 def _digest(texts: Sequence[str]) -> str:
     return hashlib.sha256(json.dumps(list(texts)).encode()).hexdigest()
 
@@ -149,11 +159,16 @@ def _open_sweep(root: Path, identity: dict, methods, scales, seeds) -> dict:
         record = read_record(root)
         for part in ("inputs", "evaluation"):
             old, new = record.get(part) or {}, identity[part]
-            differ = sorted(key for key in {*old, *new} if old.get(key) != new.get(key))
+            # an input this run does not name (single, without its method) or one the record lacks
+            # (a sweep that has not run single yet) is not a difference; the record then gains it
+            keys = new if part == "inputs" else {*old, *new}
+            differ = sorted(key for key in keys if old.get(key) != new.get(key)
+                            and not (part == "inputs" and old.get(key) is None))
             if differ:
                 key = differ[0]
                 raise TaskvecError(f"{root} holds a sweep with other {part} ({key}: {old.get(key)!r} there, "
                                    f"{new.get(key)!r} now); resume it with the same ones or use another --output")
+            record[part] = {**old, **new}
         record["methods"] = [*record["methods"], *(m for m in methods if m not in record["methods"])]
         record["scales"] = sorted({*record["scales"], *scales})
         record["seeds"] = [*record["seeds"], *(s for s in seeds if s not in record["seeds"])]
