@@ -1,7 +1,8 @@
 """Task-vector arithmetic on tensors and state dicts: the public tensor-level API.
 
 Every function is one case of the fused linear form in `taskvec.kernels`, accumulated in float32
-and returned in the base's dtype unless `dtype` says otherwise. CUDA tensors of one dtype go to
+(float64 where an input is float64, as the merge reads such tensors) and returned in the base's
+dtype unless `dtype` says otherwise. CUDA tensors of one dtype go to
 the Triton kernel (one pass over memory); everything else runs the torch reference, which gives
 the same numbers on CPU. Tensors that require gradients also take the torch path, so autograd
 sees the operation.
@@ -29,7 +30,8 @@ __all__ = [
 
 def combine(base: torch.Tensor, tensors: Sequence[torch.Tensor], base_coef: float, sum_coef: float,
             *, dtype: torch.dtype | None = None) -> torch.Tensor:
-    """``base_coef * base + sum_coef * sum(tensors)``, accumulated in float32.
+    """``base_coef * base + sum_coef * sum(tensors)``, accumulated in float32, or in float64
+    where an input is float64 (a float32 sum of float64 weights keeps only float32's digits).
 
     CUDA tensors of one kernel dtype (float32, float16, bfloat16) run the fused Triton kernel,
     unless gradients are wanted; anything else runs the torch reference.
@@ -47,7 +49,9 @@ def combine(base: torch.Tensor, tensors: Sequence[torch.Tensor], base_coef: floa
 
         return combine_triton(base.contiguous(), [t.contiguous() for t in tensors],
                               base_coef, sum_coef, dtype=dtype)
-    return combine_reference(base, tensors, base_coef, sum_coef, dtype=dtype)
+    wide = any(t.dtype == torch.float64 for t in (base, *tensors))
+    acc = torch.empty(base.shape, dtype=torch.float64, device=base.device) if wide else None
+    return combine_reference(base, tensors, base_coef, sum_coef, dtype=dtype, acc=acc)
 
 
 def _kernel_applies(base: torch.Tensor, tensors: list[torch.Tensor], dtype: torch.dtype | None) -> bool:
