@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import csv
 import io
+import json
 import sys
 from pathlib import Path
 
@@ -38,9 +39,25 @@ def text_lines(path: str | Path) -> list[str]:
 
 
 def jsonl_objects(path: str | Path) -> list[tuple[int, dict]]:
-    """(line number, object) for each non-blank line of a JSONL file."""
-    return [(number, parse_json(line, f"{path}:{number}", expect=dict))
-            for number, line in enumerate(text_lines(path), 1) if line.strip()]
+    """(line number, object) for each non-blank line of a JSONL file; a string with a lone
+    surrogate escape ("\\ud800", valid JSON but no text) is refused, naming its line: no output
+    file could hold it as UTF-8."""
+    objects = []
+    for number, line in enumerate(text_lines(path), 1):
+        if line.strip():
+            value = parse_json(line, f"{path}:{number}", expect=dict)
+            if "\\u" in line:
+                _check_text(value, f"{path}:{number}")
+            objects.append((number, value))
+    return objects
+
+
+def _check_text(value: dict, where: str) -> None:
+    try:
+        json.dumps(value, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError as err:
+        raise TaskvecError(f"{where}: a string holds a lone surrogate ({err.object[err.start:err.end]!r}), "
+                           "which is not text") from None
 
 
 def csv_rows(path: str | Path) -> tuple[list[str], list[tuple[int, dict]]]:

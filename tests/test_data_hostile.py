@@ -16,6 +16,7 @@ BAD_JSONL = {  # second line of a JSONL file -> the error it must give
     "not-json": (b'{"text": oops}', "not valid JSON"),
     "array": (b'["a list"]', "expected a JSON object"),
     "string": (b'"a string"', "expected a JSON object"),
+    "lone-surrogate": (b'{"text": "half \\ud800 a pair", "score": 0.9}', "a string holds a lone surrogate"),
 }
 BIG = 200 * 1024  # over csv.field_size_limit()'s 128 KiB
 BAD_TEXT = {  # file name, content -> the error it must give, on the line it names
