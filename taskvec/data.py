@@ -22,7 +22,7 @@ from taskvec.errors import TaskvecError, brief
 from taskvec.hf import load_hub_dataset
 from taskvec.jsonfile import read_json
 from taskvec.outputs import check_output, staged_directory
-from taskvec.rows import csv_rows, jsonl_objects, read_text
+from taskvec.rows import csv_rows, jsonl_objects, text_lines
 
 DEFAULT_THRESHOLD = 0.8
 FILE_SUFFIXES = (".jsonl", ".csv", ".parquet", ".txt")
@@ -117,7 +117,7 @@ def _read_file(path: Path, columns: list[str]) -> dict[str, list]:
     if path.suffix == ".txt":
         if columns != ["text"]:
             raise TaskvecError(f"{path}: a .txt file has one text a line and no other columns")
-        return {"text": read_text(path).splitlines()}
+        return {"text": [line.rstrip("\r\n") for line in text_lines(path)]}  # not str.splitlines: U+2028 is text
     if path.suffix == ".parquet":
         import pyarrow.parquet as pq
 

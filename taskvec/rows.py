@@ -27,7 +27,7 @@ def read_text(path: str | Path) -> str:
     path = Path(path)
     raw = read_regular(path)
     try:
-        return raw.decode("utf-8")
+        return raw.decode("utf-8-sig")  # a byte-order mark (Excel's "CSV UTF-8", Notepad) is no text
     except UnicodeDecodeError as err:
         line = raw.count(b"\n", 0, err.start) + 1
         raise TaskvecError(f"{path}:{line}: not valid UTF-8 text ({err.reason} at byte {err.start})") from None

@@ -338,3 +338,20 @@ def test_split_refuses_to_replace_the_directory_holding_its_input(tmp_path):
     with pytest.raises(TaskvecError, match="is inside output"):
         save_splits(read_jsonl(source), 2, tmp_path / "splits", source=str(source), overwrite=True)
     assert read_jsonl(source) == ["a", "b", "c"]
+
+
+def test_text_files_split_on_line_ends_only_and_byte_order_marks_are_dropped(tmp_path):
+    """str.splitlines cut a text at U+2028, U+0085 or a form feed (3 lines read as 6 texts), unlike
+    the JSONL and CSV readers; a UTF-8 byte-order mark stayed in the first text of a .txt, and
+    made a CSV's first column '\\ufefftext' (refused) and a JSONL file unreadable. Prompt files
+    are read the same way."""
+    from taskvec.eval import load_prompts
+
+    lines = ["one text\u2028still the same line", "second\x0cline", "third\x85line"]
+    (tmp_path / "texts.txt").write_text("\ufeff" + "\r\n".join(lines) + "\n", encoding="utf-8")
+    assert load_texts(str(tmp_path / "texts.txt")) == lines
+    assert load_prompts(tmp_path / "texts.txt") == lines
+    (tmp_path / "rows.csv").write_text("\ufefftext,score\nbad,0.9\n", encoding="utf-8")
+    assert load_texts(str(tmp_path / "rows.csv"), score_column="score") == ["bad"]
+    (tmp_path / "rows.jsonl").write_text("\ufeff" + json.dumps({"text": "bad", "score": 0.9}) + "\n", encoding="utf-8")
+    assert load_texts(str(tmp_path / "rows.jsonl"), score_column="score") == ["bad"]

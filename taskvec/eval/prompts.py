@@ -7,7 +7,7 @@ from pathlib import Path
 
 from taskvec.errors import TaskvecError
 from taskvec.hf import load_hub_dataset
-from taskvec.rows import jsonl_objects, read_text
+from taskvec.rows import jsonl_objects, text_lines
 
 RTP = "allenai/real-toxicity-prompts"
 
@@ -34,7 +34,7 @@ def read_prompt_file(path: str | Path) -> list[str]:
     if path.suffix == ".jsonl":
         prompts = [_jsonl_prompt(path, number, record) for number, record in jsonl_objects(path)]
     else:
-        prompts = [line for line in read_text(path).splitlines() if line.strip()]
+        prompts = [line.rstrip("\r\n") for line in text_lines(path) if line.strip()]  # U+2028 is text
     if not prompts:
         raise TaskvecError(f"prompt file {path} has no prompts")
     return prompts
