@@ -286,3 +286,13 @@ def test_a_sweep_resumes_from_another_working_directory(inputs, tmp_path, monkey
     result = CliRunner().invoke(main, command)
     assert result.exit_code == 0, result.output
     assert counted == []
+
+
+def test_a_resumed_scale_sharing_a_directory_with_another_is_refused(inputs, tmp_path):
+    """0.5 and then 0.5000001 are both scale-0.5: the rerun reused 0.5's points for 0.5000001."""
+    output = tmp_path / "out"
+    assert CliRunner().invoke(main, args(inputs, output, "--methods", "merged", scales="0.5", seeds="0")).exit_code == 0
+    result = CliRunner().invoke(main, args(inputs, output, "--methods", "merged", scales="0.5000001", seeds="0"))
+    assert result.exit_code == 1
+    assert result.output.strip() == ("Error: scale 0.5000001 would share scale-0.5 with the sweep's scale 0.5; "
+                                     "give that one, or a scale of its own")

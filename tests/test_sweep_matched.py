@@ -116,6 +116,15 @@ def test_compare_needs_runs_or_a_sweep(sweep_dir):
     assert result.exit_code == 1 and "give no RUNS" in result.output
 
 
+@pytest.mark.parametrize("levels", ["nan", "0.05,inf"])
+def test_levels_that_are_not_finite_are_refused(sweep_dir, levels):
+    """--levels nan,inf was taken: matched.json then held NaN and Infinity (not JSON)."""
+    result = CliRunner().invoke(main, ["compare", "--matched", str(sweep_dir), "--levels", levels, "--no-plot"])
+    assert result.exit_code == 1 and result.output.strip().splitlines()[-1].startswith("Error: toxicity level "), \
+        result.output
+    assert "is not a finite number" in result.output
+
+
 def synthetic(rng, n_prompts=200, seeds=2):
     """Two methods, linear true toxicity and perplexity in the scale, a prompt effect shared by
     every point (what the paired bootstrap must respect) and per-generation noise."""

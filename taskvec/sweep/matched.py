@@ -17,6 +17,7 @@ interval of each number is reported. Perplexity is one corpus-level number per m
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -101,6 +102,9 @@ def matched_comparison(curves: Curves, levels: list[float] | None = None, *, rep
     levels = auto_levels(curves) if levels is None else [float(level) for level in levels]
     if not levels:
         raise TaskvecError("no toxicity levels to compare at")
+    for level in levels:
+        if not math.isfinite(level):
+            raise TaskvecError(f"toxicity level {level} is not a finite number")
     n_prompts = curves.toxicity[0].shape[2]
     weights = np.random.default_rng(seed).multinomial(n_prompts, [1 / n_prompts] * n_prompts, size=replicates)
     resampled = [np.einsum("ksp,bp->bk", tox, weights) / (n_prompts * tox.shape[1]) for tox in curves.toxicity]

@@ -169,6 +169,11 @@ def _open_sweep(root: Path, identity: dict, methods, scales, seeds) -> dict:
                 raise TaskvecError(f"{root} holds a sweep with other {part} ({key}: {old.get(key)!r} there, "
                                    f"{new.get(key)!r} now); resume it with the same ones or use another --output")
             record[part] = {**old, **new}
+        named = {scale_name(scale): scale for scale in record["scales"]}
+        for scale in scales:
+            if named.get(scale_name(scale), scale) != scale:
+                raise TaskvecError(f"scale {scale!r} would share {scale_name(scale)} with the sweep's scale "
+                                   f"{named[scale_name(scale)]!r}; give that one, or a scale of its own")
         record["methods"] = [*record["methods"], *(m for m in methods if m not in record["methods"])]
         record["scales"] = sorted({*record["scales"], *scales})
         record["seeds"] = [*record["seeds"], *(s for s in seeds if s not in record["seeds"])]
