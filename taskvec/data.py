@@ -67,6 +67,8 @@ def load_texts(source: str, *, text_column: str | None = None, score_column: str
     text_column = text_column or "text"
     if threshold is not None and score_column is None:
         raise TaskvecError(f"{source}: a threshold needs a score column to compare against")
+    if threshold is not None and not math.isfinite(threshold):
+        raise TaskvecError(f"threshold {threshold} is not a finite number")
     if score_column is not None and threshold is None:
         threshold = DEFAULT_THRESHOLD
 
@@ -267,6 +269,11 @@ def read_manifest(splits_dir: str | Path) -> dict:
             raise TaskvecError(f"{path}: split {k} needs a file name and a sha256")
         if Path(entry["file"]).name != entry["file"]:
             raise TaskvecError(f"{path}: split {k} names {entry['file']!r}, not a file inside {splits_dir}")
+    files = [entry["file"] for entry in splits]
+    repeated = next((file for file in files if files.count(file) > 1), None)
+    if repeated is not None:  # one file for two splits: they would not be disjoint, its rows trained twice
+        first, second = [k for k, file in enumerate(files) if file == repeated][:2]
+        raise TaskvecError(f"{path}: splits {first} and {second} both name {repeated!r}; splits must be disjoint")
     return manifest
 
 

@@ -85,6 +85,8 @@ def test_float32_scores_at_the_threshold_do_not_pass_it(tmp_path):
     assert load_texts(str(tmp_path / "f32.parquet"), score_column="tox", threshold=0.8) == ["above, float32"]
     assert load_texts(str(tmp_path / "f64.jsonl"), score_column="tox", threshold=0.8) == [
         "above, float32", "just above, float64"]
+    with pytest.raises(TaskvecError, match="threshold nan is not a finite number"):
+        load_texts(str(tmp_path / "f64.jsonl"), score_column="tox", threshold=float("nan"))
     (tmp_path / "bool.jsonl").write_text(json.dumps({"text": "x", "tox": True}) + "\n")
     with pytest.raises(TaskvecError, match="score column 'tox' holds a boolean, not a number: True"):
         load_texts(str(tmp_path / "bool.jsonl"), score_column="tox")
@@ -280,6 +282,7 @@ def test_failed_save_leaves_nothing(tmp_path):
     (lambda m: m.pop("splits"), "n_splits is 3 but it lists no splits"),
     (lambda m: m["splits"][1].pop("sha256"), "split 1 needs a file name and a sha256"),
     (lambda m: m["splits"][2].update(file="../toxic.jsonl"), "split 2 names '../toxic.jsonl', not a file inside"),
+    (lambda m: m["splits"][2].update(m["splits"][0]), "splits 0 and 2 both name 'split-00.jsonl'; splits must be"),
 ])
 def test_hand_edited_manifest_is_a_one_line_error(tmp_path, edit, message):
     save_splits([f"text {i}" for i in range(9)], 3, tmp_path / "splits")
