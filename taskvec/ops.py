@@ -39,6 +39,13 @@ def combine(base: torch.Tensor, tensors: Sequence[torch.Tensor], base_coef: floa
     tensors = list(tensors)
     if not tensors:
         raise TaskvecError("at least one fine-tuned tensor is needed")
+    for what, tensor in (("base", base), *((f"tensor {i}", t) for i, t in enumerate(tensors))):
+        if not isinstance(tensor, torch.Tensor):
+            raise TaskvecError(f"{what} is a {type(tensor).__name__}, not a torch.Tensor")
+        if not tensor.is_floating_point():  # an integer base would be truncated, booleans meaningless
+            raise TaskvecError(f"{what} has dtype {tensor.dtype}: task arithmetic takes floating-point tensors")
+    if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+        raise TaskvecError(f"dtype must be a floating torch.dtype (e.g. torch.bfloat16), not {dtype!r}")
     for i, tensor in enumerate(tensors):
         if tensor.shape != base.shape:
             raise TaskvecError(f"tensor {i} has shape {list(tensor.shape)}, base has {list(base.shape)}")
@@ -159,7 +166,8 @@ class TaskVector:
     def __mul__(self, factor: float) -> TaskVector:
         if not isinstance(factor, (int, float)):
             return NotImplemented
-        return TaskVector({k: (v.float() * factor).to(v.dtype) for k, v in self.vector.items()})
+        return TaskVector({k: (v.to(torch.promote_types(v.dtype, torch.float32)) * factor).to(v.dtype)
+                           for k, v in self.vector.items()})  # float32 at least, float64 kept
 
     __rmul__ = __mul__
 

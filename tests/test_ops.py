@@ -61,6 +61,16 @@ def test_errors_are_clear():
         ops.negated_mean(base, [fts[0], torch.zeros(9)], 1.0)
     with pytest.raises(TaskvecError, match="at least two"):
         ops.average([base])
+    # an integer base was truncated (negated_mean of [0.5, 1.5] gave [0, 1]), booleans gave garbage,
+    # a dtype given as a string raised a RuntimeError, a list an AttributeError
+    with pytest.raises(TaskvecError, match="base has dtype torch.int64: task arithmetic takes floating-point"):
+        ops.negated_mean(torch.tensor([0, 1]), [torch.tensor([0.5, 1.5])])
+    with pytest.raises(TaskvecError, match="tensor 0 has dtype torch.bool"):
+        ops.task_vector(torch.zeros(2), torch.tensor([True, False]))
+    with pytest.raises(TaskvecError, match="dtype must be a floating torch.dtype"):
+        ops.negated_mean(base, fts, dtype="bf16")
+    with pytest.raises(TaskvecError, match="tensor 0 is a list, not a torch.Tensor"):
+        ops.negated_mean(base, [[0.0] * 8])
 
 
 def state_dicts(n=3, dtype=torch.float32):
@@ -159,4 +169,6 @@ def test_float64_inputs_are_computed_in_float64():
     assert (ops.negated_mean(base, finetuned, 0.7) - negated_mean_f64(base, finetuned, 0.7)).abs().max() < 1e-14
     vector = ops.TaskVector.from_models({"w": base}, {"w": finetuned[0]}, dtype=torch.float64)
     assert (vector.vector["w"] - exact_tv).abs().max() < 1e-15
+    scaled = (vector * 0.7).vector["w"]  # in float64 too: float32 kept 7 of the vector's digits
+    assert (scaled - 0.7 * exact_tv).abs().max() < 1e-14 * exact_tv.abs().max()
     assert ops.task_vector(base.float(), finetuned[0].float()).dtype == torch.float32  # others as before
