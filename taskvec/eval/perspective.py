@@ -165,7 +165,16 @@ class PerspectiveScorer:
             message = parse_json(response.content, "Perspective API answer", expect=dict)["error"]["message"]
         except (TaskvecError, KeyError, TypeError):
             message = response.reason or "no reason given"
-        return brief(str(message).replace(self._key, "***"))
+        return brief(hide(str(message), self._key))
+
+
+def hide(text: str, secret: str, shortest: int = 8) -> str:
+    """`text` with the secret, in any letter case, and any start or end of it of `shortest`
+    characters or more (a server may echo it truncated) replaced by ***."""
+    for length in range(len(secret), min(shortest, len(secret)) - 1, -1):
+        for part in {secret[:length], secret[-length:]}:
+            text = re.sub(re.escape(part), "***", text, flags=re.IGNORECASE)
+    return text
 
 
 class _Redact(logging.Filter):
@@ -176,8 +185,8 @@ class _Redact(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         message = record.getMessage()
         error = "".join(traceback.format_exception(*record.exc_info)) if record.exc_info else ""
-        if self.secret in message + error:
-            record.msg, record.args = message.replace(self.secret, "***"), ()
+        if hide(message + error, self.secret) != message + error:
+            record.msg, record.args = hide(message, self.secret), ()
             record.exc_info = record.exc_text = None
         return True
 
