@@ -73,7 +73,7 @@ def load_texts(source: str, *, text_column: str | None = None, score_column: str
         threshold = DEFAULT_THRESHOLD
 
     path = Path(source)
-    if known is None and (path.exists() or path.suffix in FILE_SUFFIXES):
+    if known is None and (path.exists() or path.suffix.lower() in FILE_SUFFIXES):
         columns = _read_file(path, [text_column] + ([score_column] if score_column else []))
     else:
         dataset_path = known.path if known else source
@@ -114,13 +114,14 @@ def _read_file(path: Path, columns: list[str]) -> dict[str, list]:
     """The named columns of a local file, each as a list; a missing column is an error."""
     if not path.is_file():
         raise TaskvecError(f"{path}: no such file" if not path.exists() else f"{path}: not a file")
-    if path.suffix not in FILE_SUFFIXES:
+    suffix = path.suffix.lower()  # ROWS.CSV is a CSV file
+    if suffix not in FILE_SUFFIXES:
         raise TaskvecError(f"{path}: unsupported file type; use one of {', '.join(FILE_SUFFIXES)}")
-    if path.suffix == ".txt":
+    if suffix == ".txt":
         if columns != ["text"]:
             raise TaskvecError(f"{path}: a .txt file has one text a line and no other columns")
         return {"text": [line.rstrip("\r\n") for line in text_lines(path)]}  # not str.splitlines: U+2028 is text
-    if path.suffix == ".parquet":
+    if suffix == ".parquet":
         import pyarrow.parquet as pq
 
         try:
@@ -130,7 +131,7 @@ def _read_file(path: Path, columns: list[str]) -> dict[str, list]:
         except (OSError, ValueError) as err:  # pyarrow's ArrowInvalid is a ValueError
             raise TaskvecError(f"{path}: not a readable parquet file ({brief(err)})") from None
         return {name: table.column(name).to_pylist() for name in columns}
-    if path.suffix == ".csv":
+    if suffix == ".csv":
         header, rows = csv_rows(path)
         _require_columns(path, columns, header)
         return {name: [row[name] for _, row in rows] for name in columns}

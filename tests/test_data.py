@@ -358,3 +358,14 @@ def test_text_files_split_on_line_ends_only_and_byte_order_marks_are_dropped(tmp
     assert load_texts(str(tmp_path / "rows.csv"), score_column="score") == ["bad"]
     (tmp_path / "rows.jsonl").write_text("\ufeff" + json.dumps({"text": "bad", "score": 0.9}) + "\n", encoding="utf-8")
     assert load_texts(str(tmp_path / "rows.jsonl"), score_column="score") == ["bad"]
+
+
+def test_file_types_are_known_whatever_the_case_of_their_suffix(tmp_path):
+    """ROWS.JSONL was read as plain text (each raw JSON line a prompt), ROWS.CSV refused."""
+    from taskvec.eval import load_prompts
+
+    (tmp_path / "ROWS.JSONL").write_text(json.dumps({"text": "bad", "score": 0.9, "prompt": "Hello"}) + "\n")
+    (tmp_path / "ROWS.CSV").write_text("text,score\nbad,0.9\n")
+    assert load_texts(str(tmp_path / "ROWS.JSONL"), score_column="score") == ["bad"]
+    assert load_texts(str(tmp_path / "ROWS.CSV"), score_column="score") == ["bad"]
+    assert load_prompts(tmp_path / "ROWS.JSONL") == ["Hello"]

@@ -31,7 +31,7 @@ def read_prompt_file(path: str | Path) -> list[str]:
     """Prompts from a .jsonl file (`prompt` a string or {"text": ...} as in RealToxicityPrompts)
     or a text file (one prompt per line; blank lines skipped)."""
     path = Path(path)
-    if path.suffix == ".jsonl":
+    if path.suffix.lower() == ".jsonl":
         prompts = [_jsonl_prompt(path, number, record) for number, record in jsonl_objects(path)]
     else:
         prompts = [line.rstrip("\r\n") for line in text_lines(path) if line.strip()]  # U+2028 is text

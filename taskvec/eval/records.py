@@ -61,7 +61,7 @@ def read_generations(path: str | Path) -> list[dict]:
     published). Without a `prompt_id`, consecutive records with the same prompt share one.
     """
     path = generations_path(path)
-    if path.suffix == ".csv":
+    if path.suffix.lower() == ".csv":
         records = _read_csv(path)
     else:
         records = [generation for number, record in jsonl_objects(path)
