@@ -74,6 +74,9 @@ def csv_rows(path: str | Path) -> tuple[list[str], list[tuple[int, dict]]]:
             start = reader.line_num + 1
     except csv.Error as err:  # e.g. a field over csv.field_size_limit() (128 KiB)
         raise TaskvecError(f"{path}:{start}: not readable as CSV ({err})") from None
+    repeated = next((name for name in header or [] if header.count(name) > 1), None)
+    if repeated is not None:  # DictReader keeps the last column of a name: which one was meant?
+        raise TaskvecError(f"{path}:1: the header names column {repeated!r} twice")
     return header or [], rows
 
 

@@ -25,6 +25,7 @@ BAD_TEXT = {  # file name, content -> the error it must give, on the line it nam
     "csv-big-header": ("rows.csv", "x" * BIG + "\nok\n", "1: not readable as CSV"),
     "csv-not-utf8": ("rows.csv", b"text,score\nok,0.9\ncaf\xe9,0.9\n", "3: not valid UTF-8"),
     "txt-not-utf8": ("rows.txt", b"ok\n\xff\xfe\n", "2: not valid UTF-8"),
+    "csv-column-twice": ("rows.csv", "text,score,text\nok,0.9,other\n", "1: the header names column 'text' twice"),
 }
 
 
