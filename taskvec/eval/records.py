@@ -68,7 +68,14 @@ def read_generations(path: str | Path) -> list[dict]:
                    for generation in _jsonl_records(path, number, record)]
     if not records:
         raise TaskvecError(f"generations file {path} has no generations")
-    return _number_prompts(records, path)
+    records = _number_prompts(records, path)
+    seen = set()
+    for record in records:  # a line given twice would count twice in every metric
+        key = (record["prompt_id"], record["sample"])
+        if key in seen:
+            raise TaskvecError(f"{path}: prompt {key[0]!r} has sample {key[1]} twice")
+        seen.add(key)
+    return records
 
 
 def _read_csv(path: Path) -> list[dict]:

@@ -8,6 +8,7 @@ into a staging directory beside the output and rename it into place only when co
 from __future__ import annotations
 
 import time
+from collections import Counter
 from collections.abc import Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -96,12 +97,25 @@ def rescore(generations: str | Path, output_dir: str | Path, *, scorer: Scorer |
     if (source.parent / SUMMARY).is_file():
         summary.update({key: value for key, value in read_summary(source.parent).items()
                         if key in ("model", "perplexity", "settings")})
+        _check_samples(source, records, summary["settings"].get("samples"))
     summary["rescored_from"] = str(source)
     summary["seconds"] = {}
     with _timed(summary["seconds"], "scoring"):
         summary.update(_score(records, scorer, threshold, progress))
     _write_run(output, summary, records, overwrite)
     return summary
+
+
+def _check_samples(source: Path, records: list[dict], samples: int | None) -> None:
+    """Generations beside the summary they came with hold its number of samples per prompt: one
+    changed or cut short would be scored under settings it no longer has."""
+    if not samples:
+        return
+    counts = Counter(record["prompt_id"] for record in records)
+    odd = next((prompt for prompt, count in counts.items() if count != samples), None)
+    if odd is not None:
+        raise TaskvecError(f"{source}: prompt {odd!r} has {counts[odd]} generations, but the {SUMMARY} beside it "
+                           f"says {samples} per prompt (the file was changed or cut short)")
 
 
 def _score(records: list[dict], scorer: Scorer, threshold: float, progress) -> dict:

@@ -103,6 +103,23 @@ def test_score_refuses_a_corrupt_summary_beside_the_generations(run, tmp_path):
     assert "summary.json: not valid JSON" in result.output
 
 
+@pytest.mark.parametrize("edit, message", [
+    (lambda lines: lines + lines, "has sample 0 twice"),  # every line twice: 12 generations for 3 x 2
+    (lambda lines: lines[:-1], "has 1 generations, but the summary.json beside it says 2 per prompt"),
+])
+def test_score_refuses_generations_changed_since_their_run(run, tmp_path, edit, message):
+    """A duplicated line counted twice in every metric; a file cut short was scored under the run's
+    settings (k = 2) that it no longer had. Both exited 0."""
+    output, _ = run
+    copy = tmp_path / "copy"
+    copy.mkdir()
+    lines = (output / "generations.jsonl").read_text().splitlines(keepends=True)
+    (copy / "generations.jsonl").write_text("".join(edit(lines)))
+    (copy / "summary.json").write_bytes((output / "summary.json").read_bytes())
+    result = invoke("score", copy, "--scorer", "better-profanity")
+    assert result.exit_code == 1 and message in result.output.strip().splitlines()[-1], result.output
+
+
 def test_score_refuses_an_existing_output_before_loading_anything(run, tmp_path):
     output, _ = run
     existing = tmp_path / "taken"
