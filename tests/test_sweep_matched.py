@@ -125,6 +125,18 @@ def test_levels_that_are_not_finite_are_refused(sweep_dir, levels):
     assert "is not a finite number" in result.output
 
 
+def test_automatic_levels_stay_apart_and_inside_a_narrow_range():
+    """Rounded to 3 digits, five levels in [0.10004, 0.10009] all became 0.1, below every
+    method's floor: nothing was ever matched."""
+    scales = [0.0, 0.5, 1.0]
+    toxicity = [np.array([[[0.10010]], [[0.10006]], [[0.10004]]]), np.array([[[0.10009]], [[0.10005]], [[0.10002]]])]
+    curves = Curves(["a", "b"], [scales, scales], [[10.0, 11.0, 12.0]] * 2, toxicity, 10.0, [])
+    levels = auto_levels(curves)
+    assert len(set(levels)) == 5 and all(0.10004 < level < 0.10009 for level in levels), levels
+    assert auto_levels(synthetic(np.random.default_rng(0))) == [float(f"{v:.3g}") for v in auto_levels(
+        synthetic(np.random.default_rng(0)))]  # a wide range keeps 3 digits
+
+
 def synthetic(rng, n_prompts=200, seeds=2):
     """Two methods, linear true toxicity and perplexity in the scale, a prompt effect shared by
     every point (what the paired bootstrap must respect) and per-generation noise."""

@@ -87,7 +87,12 @@ def auto_levels(curves: Curves, fractions=(1 / 6, 2 / 6, 3 / 6, 4 / 6, 5 / 6)) -
     low, high = max(fit[-1] for fit in fits), min(fit[0] for fit in fits)
     if not low < high:
         raise TaskvecError("the methods' toxicity curves share no range below the base's; give --levels")
-    return [float(f"{low + (high - low) * fraction:.3g}") for fraction in fractions]
+    exact = [low + (high - low) * fraction for fraction in fractions]
+    for digits in range(3, 18):  # 3 significant digits where they keep the levels apart and inside
+        levels = [float(f"{level:.{digits}g}") for level in exact]
+        if len(set(levels)) == len(levels) and all(low < level < high for level in levels):
+            return levels
+    return exact
 
 
 def matched_comparison(curves: Curves, levels: list[float] | None = None, *, replicates: int = 1000, seed: int = 0,
