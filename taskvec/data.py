@@ -83,6 +83,9 @@ def load_texts(source: str, *, text_column: str | None = None, score_column: str
     if score_column is not None:
         scores = columns[score_column]
         texts = [t for t, s in zip(texts, scores, strict=True) if _above(_score(s, source, score_column), threshold)]
+    odd = next((t for t in texts if t is not None and not isinstance(t, str)), None)
+    if odd is not None:  # a number where text belongs: a wrong --text-column, not a text to drop
+        raise TaskvecError(f"{source}: column {text_column!r} holds a {type(odd).__name__} ({odd!r}), not text")
     kept = [t for t in texts if isinstance(t, str) and t.strip()]
     if not kept:
         rule = f" with {score_column} > {threshold}" if score_column else ""

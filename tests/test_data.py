@@ -87,6 +87,9 @@ def test_float32_scores_at_the_threshold_do_not_pass_it(tmp_path):
         "above, float32", "just above, float64"]
     with pytest.raises(TaskvecError, match="threshold nan is not a finite number"):
         load_texts(str(tmp_path / "f64.jsonl"), score_column="tox", threshold=float("nan"))
+    (tmp_path / "number.jsonl").write_text(json.dumps({"text": "x"}) + "\n" + json.dumps({"text": 5}) + "\n")
+    with pytest.raises(TaskvecError, match=r"column 'text' holds a int \(5\), not text"):  # it was dropped silently
+        load_texts(str(tmp_path / "number.jsonl"))
     (tmp_path / "bool.jsonl").write_text(json.dumps({"text": "x", "tox": True}) + "\n")
     with pytest.raises(TaskvecError, match="score column 'tox' holds a boolean, not a number: True"):
         load_texts(str(tmp_path / "bool.jsonl"), score_column="tox")
