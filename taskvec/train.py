@@ -111,6 +111,15 @@ def _with_defaults(record: object) -> object:
     return record
 
 
+def _comparable(record: object) -> object:
+    """A run record as far as it decides the weights: with max_steps set, epochs does not (the
+    Trainer stops at max_steps), so a rerun with other epochs is the same run."""
+    if isinstance(record, dict) and isinstance(record.get("config"), dict) \
+            and record["config"].get("max_steps") is not None:
+        return {**record, "config": {**record["config"], "epochs": None}}
+    return record
+
+
 def _difference(old: dict, new: dict) -> str:
     flat_old = {**old, **old.get("config", {})}
     flat_new = {**new, **new.get("config", {})}
@@ -172,7 +181,7 @@ def finetune(model_dir: str | Path, texts: Iterable[str] | str | Path, output_di
         if finished is None:
             raise TaskvecError(f"output {output_dir} exists and is not a finished fine-tune; "
                                "pass --overwrite to replace it")
-        if finished != record:
+        if _comparable(finished) != _comparable(record):
             raise TaskvecError(f"output {output_dir} was trained differently ({_difference(finished, record)}); "
                                "pass --overwrite to retrain")
         return output_dir
@@ -243,7 +252,7 @@ def _prepare_workdir(workdir: Path, record: dict, overwrite: bool) -> None:
             previous = read_json(run_file, expect=dict)
         except TaskvecError:
             previous = None
-        if _with_defaults(previous) != record:
+        if _comparable(_with_defaults(previous)) != _comparable(record):
             if not overwrite:
                 why = _difference(previous, record) if isinstance(previous, dict) else "no run record"
                 raise TaskvecError(f"{workdir} holds checkpoints of another run ({why}); "

@@ -194,8 +194,10 @@ def test_finished_splits_are_not_retrained(full_run, base):
     with pytest.raises(TaskvecError, match=r"trained differently \(learning_rate was 0.001, now 0.002\)"):
         train_splits(base, full_run / "splits", full_run / "runs",
                      TrainConfig(**{**FAST, "learning_rate": 2e-3}), split_index=0)
-    # Bookkeeping settings do not change the weights, so they do not make a split stale.
+    # Bookkeeping settings do not change the weights, so they do not make a split stale; nor do
+    # epochs where max_steps decides when training stops (such a rerun was refused).
     train_splits(base, full_run / "splits", full_run / "runs", TrainConfig(**{**FAST, "save_steps": 7}))
+    train_splits(base, full_run / "splits", full_run / "runs", TrainConfig(**{**FAST, "epochs": 2}))
     assert weights.stat().st_mtime_ns == stamp
 
 
