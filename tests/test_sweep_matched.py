@@ -109,6 +109,25 @@ def test_unfinished_points_are_left_out_and_a_sweep_without_results_is_refused(s
         assert result.exit_code == 1 and result.output.strip() == message
 
 
+@pytest.mark.parametrize("edit, message", [
+    (lambda r: r.update(scales=[0.0, *r["scales"]]), "scale 0 must be a positive number"),  # a ZeroDivisionError
+    (lambda r: r.update(scales=[0.5, 0.5, 1.0]), "a scale is given twice"),
+    (lambda r: r.update(methods=["merged", "bogus"]), "unknown method 'bogus'"),
+    (lambda r: r.update(scales="0.5"), "methods, scales and seeds must be lists of names and numbers"),
+])
+def test_a_hand_edited_sweep_record_is_held_to_the_grid_a_run_accepts(sweep_dir, tmp_path, edit, message):
+    import shutil
+
+    copy = tmp_path / "copy"
+    shutil.copytree(sweep_dir, copy)
+    record = json.loads((copy / "sweep.json").read_text())
+    edit(record)
+    (copy / "sweep.json").write_text(json.dumps(record))
+    result = CliRunner().invoke(main, ["compare", "--matched", str(copy), "--no-plot"])
+    assert result.exit_code == 1, result.output
+    assert result.output.strip().startswith(f"Error: {copy / 'sweep.json'}: {message}"), result.output
+
+
 def test_compare_needs_runs_or_a_sweep(sweep_dir):
     result = CliRunner().invoke(main, ["compare"])
     assert result.exit_code == 2 and "give RUNS to compare, or --matched SWEEP_DIR" in result.output

@@ -68,6 +68,14 @@ def read_record(root: str | Path) -> dict:
     record = read_json(path, expect=dict)
     if record.get("format") != FORMAT:
         raise TaskvecError(f"{path}: not a {FORMAT} record")
+    from taskvec.sweep.run import check_grid  # the grid a run accepts: an edited record is held to it
+
+    try:
+        check_grid(*(record.get(key) or [] for key in ("methods", "scales", "seeds")))
+    except TaskvecError as err:
+        raise TaskvecError(f"{path}: {err}") from None
+    except (TypeError, ValueError):
+        raise TaskvecError(f"{path}: methods, scales and seeds must be lists of names and numbers") from None
     return record
 
 
