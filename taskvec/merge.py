@@ -163,7 +163,9 @@ def merge_checkpoints(
             for target, provenance in zip(targets, provenances, strict=True):
                 skipped = copy_side_files(checkpoints[0], staging / target, config_updates)
                 write_json(staging / target / PROVENANCE_FILE, provenance, fsync=False)
-    notes = plan.notes + nonfinite + [f"not copied from {checkpoints[0].label}: {item}" for item in skipped]
+    cast = plan.cast_note("each is cast on read into the float32 sum; the output is "
+                          f"{dtype_name(out_dtype) if out_dtype else 'in the base’s dtype'}")
+    notes = plan.notes + cast + nonfinite + [f"not copied from {checkpoints[0].label}: {item}" for item in skipped]
     return MergeResult(output, shards[0].files, plan.bytes_read,
                        len(targets) * sum(spec.nbytes for spec in plan.outputs), time.perf_counter() - started,
                        notes, [output / target for target in targets])

@@ -86,7 +86,8 @@ def inspect_checkpoints(
     empty = [spec.name for spec in plan.outputs if spec.name not in measured and spec.name not in skipped]
     if not measured:
         raise TaskvecError(f"{checkpoints[0].path}: no floating-point entries to inspect")
-    notes = [_cast_note(note, plan) for note in plan.notes]
+    notes = plan.notes + plan.cast_note("each tensor is read as float32 (float64 where an input holds it so) "
+                                        "and measured in float64")
     notes += [f"{len(names)} {what} skipped ({', '.join(names[:3])}{' ...' if len(names) > 3 else ''})"
               for what, names in (("integer or boolean buffers", skipped), ("empty tensors", empty)) if names]
     bytes_read = sum(job.nbytes_in * plan.n_inputs for job in plan.jobs if job.kind == "combine")
@@ -143,17 +144,6 @@ def _write(output: Path, stats: dict, plot: bool, overwrite: bool) -> None:
             from taskvec.inspect.plots import write_plots
 
             write_plots(staging, stats)
-
-
-def _cast_note(note: str, plan) -> str:
-    """The plan's note on inputs of different dtypes, saying how inspect reads them (the plan's
-    wording is the merge's: a float32 sum and an output dtype)."""
-    from taskvec.stream.plan import cast_note
-
-    start = cast_note(set(plan.cast))
-    if not plan.cast or not note.startswith(start):
-        return note
-    return f"{start}: each tensor is read as float32 (float64 where an input holds it so) and measured in float64"
 
 
 def _nonfinite_notes(tensors: dict, vectors: list[str]) -> list[str]:

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from taskvec.dtypes import ARITHMETIC_CODES, COPIED_CODES, dtype_name
+from taskvec.dtypes import ARITHMETIC_CODES, COPIED_CODES
 from taskvec.errors import TaskvecError
 from taskvec.io.checkpoint import Checkpoint
 from taskvec.io.peft_adapter import LoraSource
@@ -57,9 +57,13 @@ class MergePlan:
     outputs: list[OutputSpec]
     jobs: list[Job]
     chunk_elems: int
-    notes: list[str] = field(default_factory=list)  # what was renamed, dropped, cast or left out
+    notes: list[str] = field(default_factory=list)  # what was renamed, dropped or left out
     extras: dict[str, list[str]] = field(default_factory=dict)  # input label -> tensors left out
     cast: tuple[str, ...] = ()  # the dtypes cast on read, where inputs differ (sorted)
+
+    def cast_note(self, how: str) -> list[str]:
+        """The note on inputs whose dtypes differ, where they do: `how` a command reads them."""
+        return [f"inputs differ in dtype ({', '.join(self.cast)}): {how}"] if self.cast else []
 
     @property
     def n_inputs(self) -> int:
@@ -98,16 +102,8 @@ def plan_merge(
             raise TaskvecError(f"{entries[0].path}: tensor '{name}' has dtype {code}, not supported")
         outputs.append(OutputSpec(name, out_code, entries[0].shape))
         _add_segments(jobs, kind, DTYPES[code], DTYPES[out_code], name, tuple(entries), chunk_elems)
-    if cast:
-        notes.append(f"{cast_note(cast)}: each is cast on read into the "
-                     f"float32 sum; the output is {dtype_name(out_dtype) if out_dtype else 'in the base’s dtype'}")
     largest = max((job.numel for job in jobs), default=1)  # workspaces: no bigger than the biggest job
     return MergePlan(inputs, outputs, jobs, min(chunk_elems, largest), notes, matched.extras, tuple(sorted(cast)))
-
-
-def cast_note(cast: set[str]) -> str:
-    """The start of the note on inputs whose dtypes differ (a command says how it reads them)."""
-    return f"inputs differ in dtype ({', '.join(sorted(cast))})"
 
 
 def _read_code(name: str, entries: list, cast: set) -> str:
