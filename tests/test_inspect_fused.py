@@ -19,7 +19,7 @@ import torch
 from safetensors.torch import save_file
 from test_inspect import check_all, reference_vectors
 
-from taskvec.inspect import fused, inspect_checkpoints, stream
+from taskvec.inspect import fused, inspect_checkpoints, loops, stream
 from taskvec.inspect.accumulators import Binning
 from taskvec.inspect.fused import CellBins
 from taskvec.inspect.settings import Settings
@@ -173,16 +173,16 @@ def test_the_warm_up_loads_the_very_loop_the_pass_runs(tmp_path):
     """inspect_checkpoints loads the compiled loops on a thread while it imports and plans; that is
     only worth it if the pass then finds the same compiled signatures (float32 and float64 rows
     alike, the tensors' closing too), not a second one to load."""
-    fused.warm_up()
-    loops = (fused._accumulate, fused._close_cells)
-    warmed = [set(loop.signatures) for loop in loops]
-    assert len(fused._accumulate.signatures) == 1
+    loops.warm_up()
+    compiled = (loops.accumulate, loops.close_cells)
+    warmed = [set(loop.signatures) for loop in compiled]
+    assert len(loops.accumulate.signatures) == 1
     for dtype in (torch.float32, torch.float64):
         folder = tmp_path / str(dtype)
         folder.mkdir()
         base, finetuned = write_models(folder, dtype, 2, exact=False)
         inspect_checkpoints(base, finetuned, progress=False)
-    assert [set(loop.signatures) for loop in loops] == warmed
+    assert [set(loop.signatures) for loop in compiled] == warmed
 
 
 def test_a_command_failing_beside_the_warm_up_exits_cleanly(tmp_path):
@@ -190,10 +190,11 @@ def test_a_command_failing_beside_the_warm_up_exits_cleanly(tmp_path):
     warm-up starts): the script catches it and ends normally. The interpreter must wait for the
     loading rather than finalize around it, which aborted such a process about one time in three
     (status 134, "terminate called without an active exception"). Settings are refused before
-    any loading starts."""
+    any loading starts. torch is imported first, so that the error comes before the loading ends."""
     base, _ = write_models(tmp_path, torch.float32, 1, exact=False)
     script = f"""
 import threading
+import torch
 from taskvec.errors import TaskvecError
 from taskvec.inspect import inspect_checkpoints
 try:

@@ -7,7 +7,9 @@ norms, extremes, near-zero shares on absolute and per-tensor relative scales, hi
 |tau| on both scales, and cosines and sign agreement across vectors (docs/inspect.md).
 
     accumulators  float64 sums, exact counts, the per-tensor relative grid (torch: the reference, CUDA)
-    fused         the same statistics as compiled loops over cache-sized tiles (the CPU pass)
+    keys          the relative grid's keys (bits of |tau|), shared by both
+    loops         the same statistics as compiled loops over cache-sized tiles (numba, no torch)
+    fused         the CPU pass: the loops on a thread per core, closed into the reference's totals
     stream        the pass over the plan's jobs
     mapped        inputs read in place from read-only mappings (the CPU pass)
     summary       statistics from the sums, per tensor, group and overall
@@ -125,7 +127,7 @@ def _warm_compiled_pass() -> None:
 
     def load() -> None:
         try:
-            from taskvec.inspect.fused import warm_up
+            from taskvec.inspect.loops import warm_up
 
             warm_up()
         except Exception:  # noqa: BLE001 - the pass reports it, with its context

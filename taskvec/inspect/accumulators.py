@@ -18,14 +18,12 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-MANTISSA_BITS = 8
-_SHIFT = 52 - MANTISSA_BITS
-_FIRST_NORMAL = 1 << MANTISSA_BITS  # keys below it: zero or subnormal |tau|, counted as zero
+from taskvec.inspect.keys import FIRST_NORMAL, SHIFT
 
 
 def grid_keys(magnitudes: torch.Tensor) -> torch.Tensor:
     """Monotone integer keys of float64 values >= 0: exponent and the top mantissa bits."""
-    return magnitudes.view(torch.int64) >> _SHIFT
+    return magnitudes.view(torch.int64) >> SHIFT
 
 
 class Binning:
@@ -83,7 +81,7 @@ class FineGrid:
 
     def add(self, keys: torch.Tensor, high: int) -> None:
         """Count `keys` (rows x elements); `high`: their largest key (from the slice's extremes)."""
-        tiny = keys < _FIRST_NORMAL
+        tiny = keys < FIRST_NORMAL
         low = int(keys.masked_fill(tiny, torch.iinfo(torch.int64).max).amin())
         if low == torch.iinfo(torch.int64).max:
             self.tiny += tiny.sum(1)
@@ -108,7 +106,7 @@ class FineGrid:
     def lower_edges(self) -> torch.Tensor:
         """Each grid cell's smallest value: what a |tau| in it is truncated to."""
         keys = torch.arange(self.low, self.low + self.counts.shape[1], dtype=torch.int64, device=self.device)
-        return (keys << _SHIFT).view(torch.float64)
+        return (keys << SHIFT).view(torch.float64)
 
     def below(self, thresholds: torch.Tensor) -> torch.Tensor:
         """(rows, len(thresholds)): entries whose truncated |tau| is below each row's thresholds
