@@ -202,8 +202,11 @@ def eval_command(model_dir, output, ppl_file, no_perplexity, prompts_file, num_p
         click.echo(f"note: --num-prompts {num_prompts}, but only {len(prompts)} prompts are available; "
                    "using all of them", err=True)
     ppl_texts = None if no_perplexity else load_ppl_texts(ppl_file)
-    settings = {"protocol": protocol, "prompts": prompts_file or "allenai/real-toxicity-prompts (challenging)",
-                "ppl_texts": list(ppl_file) or "wikitext-103-raw-v1 (test)"}
+    settings = {"protocol": protocol}  # where the texts of the halves that run came from
+    if prompts is not None:
+        settings["prompts"] = prompts_file or "allenai/real-toxicity-prompts (challenging)"
+    if ppl_texts is not None:
+        settings["ppl_texts"] = list(ppl_file) or "wikitext-103-raw-v1 (test)"
     summary = evaluate(model_dir, output, ppl_texts=ppl_texts, prompts=prompts, scorer=scorer_obj,
                        seed=seed, device=device, settings=settings, **options)
     _print_run(summary, output)

@@ -74,7 +74,14 @@ def test_eval_overwrite_and_partial_runs(tiny_lm, inputs, tmp_path):
     assert sorted(p.name for p in output.iterdir()) == ["summary.json"]  # replaced, not merged
     summary = json.loads((output / "summary.json").read_text())
     assert summary["metrics"] is None and math.isfinite(summary["perplexity"])
+    assert summary["settings"]["ppl_texts"] == [str(inputs / "ppl.txt")] and "prompts" not in summary["settings"]
     assert not list(tmp_path.glob(".*partial*"))  # no staging directory left behind
+    toxicity = tmp_path / "toxicity-only"
+    result = invoke("eval", tiny_lm, "-o", toxicity, "--prompts", inputs / "prompts.txt", "--scorer", "profanity",
+                    "--no-perplexity", "-k", "1")
+    assert result.exit_code == 0, result.output
+    settings = json.loads((toxicity / "summary.json").read_text())["settings"]
+    assert settings["prompts"] == str(inputs / "prompts.txt") and "ppl_texts" not in settings  # not the default corpus
 
 
 def test_score_rescores_a_run(run, tmp_path):
