@@ -169,6 +169,11 @@ def test_an_adapter_of_another_model_is_refused_and_another_base_noted(tmp_path)
     (good / "adapter_config.json").write_text(json.dumps({**config, "base_model_name_or_path": "meta/llama-7b"}))
     result = merge_checkpoints([good], tmp_path / "out", base=tmp_path / "base", progress=False)
     assert "good: adapter trained on meta/llama-7b, merged onto base" in result.notes
+    (tmp_path / "link").symlink_to(tmp_path / "base")  # trained on a symlinked base: the same model, no note
+    (good / "adapter_config.json").write_text(json.dumps({**config, "base_model_name_or_path": str(tmp_path / "link")}))
+    for base in ("link", "base"):
+        result = merge_checkpoints([good], tmp_path / f"out-{base}", base=tmp_path / base, progress=False)
+        assert not [note for note in result.notes if "trained on" in note], result.notes
     with pytest.raises(TaskvecError, match="a LoRA adapter cannot be the base"):
         merge_checkpoints([tmp_path / "base"], tmp_path / "out2", base=good, progress=False)
 

@@ -169,9 +169,20 @@ def _match_adapter(reference, ref_tensors, ref_tied, checkpoint, tensors, source
             source = ref  # untouched by the adapter: the fine-tune holds the base's value
         sources[name].append(source)
     wanted = checkpoint.adapter.base_model
-    if wanted and reference.label not in (str(wanted), Path(str(wanted)).name):
+    if wanted and not _names_model(str(wanted), reference):
         return [f"{checkpoint.label}: adapter trained on {wanted}, merged onto {reference.label}"]
     return []
+
+
+def _names_model(wanted: str, reference) -> bool:
+    """Whether an adapter's base_model_name_or_path names the reference: its label, its folder's
+    name, or a local path to the same folder (a symlink to it, say)."""
+    if reference.label in (wanted, Path(wanted).name):
+        return True
+    try:
+        return Path(wanted).expanduser().resolve() == Path(reference.path).resolve()
+    except (OSError, RuntimeError):  # a path that cannot be resolved names no local model
+        return False
 
 
 def _check_adapter_ties(reference, ref_tied, checkpoint, tensors, embedding) -> None:
