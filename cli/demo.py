@@ -32,8 +32,9 @@ def demo(output, splits, quick, seed, threads, workers, overwrite, progress):
     intervals, prints the tables and a verdict computed from the numbers, and writes
     OUTPUT/report.txt and OUTPUT/sweep/sweep.png.
 
-    Every stage runs the same functions as the `taskvec data`, `train-splits`, `merge`, `eval`
-    and `compare` commands; the intermediate models stay in OUTPUT/models for inspection.
+    Every stage runs the same functions as the `taskvec data`, `train-splits`, `inspect`,
+    `sweep` (`merge`, `eval`) and `compare --matched` commands; the intermediate models stay in
+    OUTPUT/models for inspection.
     """
     from taskvec.demo.pipeline import run_demo
 

@@ -218,7 +218,7 @@ def eval_command(model_dir, output, ppl_file, no_perplexity, prompts_file, num_p
               help="Directory for the rescored generations.jsonl and summary.json "
                    "[default: <run dir>-<scorer> beside the run, or <file stem>-<scorer>].")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True,
-              help="Where Detoxify runs.")
+              help="Where the scorer's model runs (Detoxify, or an hf:MODEL classifier).")
 @_scoring_options
 def score(generations, output, scorer, device, **options):
     """Score saved GENERATIONS again, e.g. with Perspective, without generating.
@@ -250,6 +250,9 @@ class CommaList(click.ParamType):
 
     def __init__(self, kind, name):
         self.kind, self.name = kind, name
+
+    def get_metavar(self, param, ctx=None):
+        return f"{self.name.upper()},..."
 
     def convert(self, value, param, ctx):
         if isinstance(value, list):

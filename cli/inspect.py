@@ -18,7 +18,7 @@ def _numbers(text: str) -> tuple[float, ...]:
 @click.option("--merged", "-m", multiple=True, type=click.Path(),
               help="A merged or negated model, measured as M - base (repeatable).")
 @click.option("--output", "-o", required=True, type=click.Path(file_okay=False),
-              help="Directory to write the report to (created; must not exist).")
+              help="Directory to write the report to (created; an existing one is refused unless --overwrite).")
 @click.option("--p", "p", type=float, default=1.0, show_default=True,
               help="p of the p-norm reported beside L1, L2 and Linf (the original cal_task_vector_norm's p).")
 @click.option("--thresholds", default="1e-5,1e-4,1e-3", show_default=True,

@@ -8,13 +8,16 @@ from taskvec.cli.options import SCALES
 from taskvec.dtypes import OUTPUT_DTYPES
 
 
-def _output_options(command):
-    """Options every merge command shares."""
+def _output_options(dtype_from: str = "the base's", scales: bool = True):
+    """Options every merge command shares: `dtype_from` names the input whose dtype the output
+    keeps; `scales`, whether the command takes a list of scales (one model per scale)."""
+    per_scale = "; with several scales, one model per scale in OUTPUT/scale-X" if scales else ""
     options = [
         click.option("--output", "-o", required=True, type=click.Path(file_okay=False),
-                     help="Directory to write the merged model to (created; must not exist)."),
+                     help=f"Directory to write the merged model to (created; an existing one is refused unless "
+                          f"--overwrite{per_scale})."),
         click.option("--dtype", type=click.Choice(OUTPUT_DTYPES),
-                     default=None, help="Dtype of floating tensors in the output [default: the base's]."),
+                     default=None, help=f"Dtype of floating tensors in the output [default: {dtype_from}]."),
         click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto",
                      show_default=True,
                      help="Where the arithmetic runs; auto uses the Triton kernels on a GPU if present."),
@@ -29,7 +32,7 @@ def _output_options(command):
         click.option("--progress/--no-progress", default=None,
                      help="Progress bar [default: only on a terminal]."),
     ]
-    return functools.reduce(lambda cmd, option: option(cmd), reversed(options), command)
+    return lambda command: functools.reduce(lambda cmd, option: option(cmd), reversed(options), command)
 
 
 def _run(**kwargs):
@@ -91,7 +94,7 @@ def _method_options(command):
               help="lambda: how far to move away from the averaged task vector. A list (0.1,0.5,1) or a "
                    "range (0.1:1.0:0.1) writes OUTPUT/scale-X for each, from one read of the inputs.")
 @_method_options
-@_output_options
+@_output_options()
 def merge(finetuned, base, scale, method, weights, **options):
     """Negate the averaged task vector of FINETUNED models from BASE.
 
@@ -123,7 +126,7 @@ def merge(finetuned, base, scale, method, weights, **options):
 
 @click.command()
 @click.argument("finetuned", nargs=-1, required=True, type=click.Path())
-@_output_options
+@_output_options(dtype_from="the first model's", scales=False)
 def average(finetuned, **options):
     """Average the weights of FINETUNED models (two or more): out = mean_i(finetuned_i).
 
@@ -134,10 +137,12 @@ def average(finetuned, **options):
 
 @click.command()
 @click.option("--base", required=True, type=click.Path(), help="The pretrained (base) model: a directory or a hub id.")
-@click.option("--finetuned", required=True, type=click.Path(), help="One fine-tuned model directory.")
+@click.option("--finetuned", required=True, type=click.Path(),
+              help="One fine-tuned model: a directory, a weight file, a LoRA adapter or a hub id, as merge's "
+                   "FINETUNED.")
 @click.option("--scale", "-l", type=SCALES, default=1.0, show_default=True,
               help="lambda: how far to move away from the task vector; a list or range as for merge.")
-@_output_options
+@_output_options()
 def negate(base, finetuned, scale, **options):
     """Negate a single task vector: out = base - scale * (finetuned - base).
 
