@@ -191,6 +191,26 @@ def test_conv1d_modules_are_transposed_whatever_the_saved_flag_says(tmp_path):
     check(tmp_path / "out", tmp_path / "base", [peft_merged(tmp_path / "base", adapter)], 1.0, 4)
 
 
+def test_an_adapter_of_the_headless_model_is_oriented_under_its_renamed_name(tmp_path):
+    """An adapter trained on GPT2Model (AutoModel: keys without `transformer.`) onto a
+    GPT2LMHeadModel base: its modules are renamed, and the Conv1D transposition must follow the new
+    name (the square c_proj's delta was added untransposed, a wrong model with exit 0, and the
+    others were refused as another model's)."""
+    from transformers import GPT2Model
+
+    model = tiny_model("gpt2")
+    model.save_pretrained(tmp_path / "base")
+    body = GPT2Model(model.config)
+    body.load_state_dict(model.transformer.state_dict())
+    adapter = make_adapter(body, tmp_path / "adapter", seed=0, r=4, lora_alpha=8, target_modules=["c_attn", "c_proj"])
+    result = merge_checkpoints([adapter], tmp_path / "out", base=tmp_path / "base", progress=False)
+    assert any("renamed" in note for note in result.notes)
+    merged = PeftModel.from_pretrained(GPT2Model.from_pretrained(tmp_path / "base"), adapter).merge_and_unload()
+    reference = {f"transformer.{k}": v.detach() for k, v in merged.state_dict().items()}
+    reference["lm_head.weight"] = reference["transformer.wte.weight"]
+    check(tmp_path / "out", tmp_path / "base", [reference], 1.0, 4)
+
+
 def test_adapters_that_would_untie_a_tied_base_are_refused(tmp_path):
     model = tiny_model("gpt2")
     model.save_pretrained(tmp_path / "base")

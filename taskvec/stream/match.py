@@ -81,7 +81,7 @@ def _canonical_tensors(inputs: list[Checkpoint], notes: list[str]) -> list[dict[
                 where = entry.a.path if isinstance(entry, LoraDelta) else entry.path
                 raise TaskvecError(f"{where}: tensors '{name}' and another one both load as '{new}' "
                                    f"in {rules.architecture}")
-            canonical[new] = entry
+            canonical[new] = replace(entry, target=new) if isinstance(entry, LoraDelta) else entry
         if renamed:
             notes.append(f"{checkpoint.label}: {renamed} tensors renamed to {rules.architecture}'s current names "
                          f"(prefix '{rules.prefix}.')")
