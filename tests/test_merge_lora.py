@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM
 
 from taskvec.errors import TaskvecError
@@ -153,8 +153,88 @@ def test_adapter_kinds_taskvec_does_not_compute_are_refused(tmp_path):
     assert "\n" not in str(caught.value) and not (tmp_path / "out").exists()
     config = json.loads((adapter / "adapter_config.json").read_text())
     (adapter / "adapter_config.json").write_text(json.dumps({**config, "peft_type": "IA3", "use_dora": False}))
-    with pytest.raises(TaskvecError, match="a IA3 adapter; taskvec merges LoRA adapters only"):
+    with pytest.raises(TaskvecError, match="peft_type 'IA3'; taskvec merges PEFT LoRA adapters only"):
         merge_checkpoints([adapter], tmp_path / "out", base=tmp_path / "base", progress=False)
+    del config["peft_type"]  # mlx-lm's and other tools' adapter configs
+    (adapter / "adapter_config.json").write_text(json.dumps({**config, "use_dora": False}))
+    with pytest.raises(TaskvecError, match="no peft_type, so not a PEFT adapter"):
+        merge_checkpoints([adapter], tmp_path / "out", base=tmp_path / "base", progress=False)
+
+
+@pytest.mark.parametrize("change, refused", [
+    (dict(alora_invocation_tokens=[1, 2]), "alora_invocation_tokens is set"),  # PEFT cannot merge aLoRA
+    (dict(layer_replication=[[1, 2], [0, 1]]), "layer_replication is set"),  # deltas of layers the base lacks
+    (dict(trainable_token_indices=[3]), "trainable_token_indices is set"),
+    (dict(kasa_config={"r": 2}), "kasa_config is set"),
+    (dict(velora_config={"rank": 2}), "velora_config is set"),
+    (dict(lora_ga_config={"iters": 2}), "lora_ga_config is set"),
+    (dict(init_lora_weights="pissa"), "init_lora_weights is 'pissa': its factors belong to a base weight"),
+    (dict(init_lora_weights="pissa_niter_4"), "init_lora_weights is 'pissa_niter_4'"),
+    (dict(init_lora_weights="olora"), "init_lora_weights is 'olora'"),
+    (dict(init_lora_weights="corda"), "init_lora_weights is 'corda'"),
+    (dict(init_lora_weights="loftq"), "init_lora_weights is 'loftq'"),
+    (dict(init_lora_weights="mica"), "init_lora_weights is 'mica'"),
+    (dict(alpha_pattern={"q_proj(": 3}), "alpha_pattern key 'q_proj\\(' is not a regular expression"),
+    (dict(alpha_pattern=["q_proj"]), "alpha_pattern is list, not an object"),
+])
+def test_lora_variants_and_changed_bases_are_refused_in_one_line(tmp_path, change, refused):
+    """Adapters whose merged weight is not base + B @ A * scaling on the base's own layers: PiSSA,
+    OLoRA, CorDA and LoftQ train factors of a base weight PEFT changed at initialisation (saved
+    unconverted, merged as plain LoRA they gave a wrong model with exit 0, as did aLoRA and
+    layer_replication); malformed patterns were tracebacks."""
+    model = tiny_model("llama")
+    model.save_pretrained(tmp_path / "base")
+    adapter = make_adapter(model, tmp_path / "adapter", seed=0, r=2, **LLAMA_LORA)
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    (adapter / "adapter_config.json").write_text(json.dumps({**config, **change}))
+    with pytest.raises(TaskvecError, match=refused) as caught:
+        merge_checkpoints([adapter], tmp_path / "out", base=tmp_path / "base", progress=False)
+    assert "\n" not in str(caught.value) and not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("init", [True, "gaussian", "eva", "orthogonal"])
+def test_initialisations_that_keep_the_base_merge_as_plain_lora(tmp_path, init):
+    model = tiny_model("llama")
+    model.save_pretrained(tmp_path / "base")
+    adapter = make_adapter(model, tmp_path / "adapter", seed=0, r=2, **LLAMA_LORA)
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    (adapter / "adapter_config.json").write_text(json.dumps({**config, "init_lora_weights": init}))
+    merge_checkpoints([adapter], tmp_path / "out", base=tmp_path / "base", progress=False)
+    check(tmp_path / "out", tmp_path / "base", [peft_merged(tmp_path / "base", adapter)], 1.0, 2)
+
+
+def test_adapter_keys_with_peft_s_adapter_name_merge_alike(tmp_path):
+    """`lora_A.default.weight` (a whole PEFT model's state dict, saved by hand): PEFT loads it as
+    `lora_A.weight`; it was refused as a tensor the base does not have."""
+    model = tiny_model("llama")
+    model.save_pretrained(tmp_path / "base")
+    adapter = make_adapter(model, tmp_path / "adapter", seed=0, r=2, **LLAMA_LORA)
+    merge_checkpoints([adapter], tmp_path / "plain", base=tmp_path / "base", progress=False)
+    tensors = load_file(adapter / "adapter_model.safetensors")
+    named = {k.replace(".lora_A.", ".lora_A.default.").replace(".lora_B.", ".lora_B.default."): v
+             for k, v in tensors.items()}
+    assert named != tensors
+    save_file(named, adapter / "adapter_model.safetensors")
+    merge_checkpoints([adapter], tmp_path / "named", base=tmp_path / "base", progress=False)
+    plain, named = load_dir(tmp_path / "plain"), load_dir(tmp_path / "named")
+    assert plain.keys() == named.keys() and all(torch.equal(plain[k], named[k]) for k in plain)
+
+
+def test_the_embedding_an_adapter_saves_is_the_one_its_delta_is_added_to(tmp_path):
+    """With the embedding a LoRA target, PEFT saves its weight (`base_layer.weight`) in the adapter
+    and loads it over the base's; where the trainer had edited it (re-initialised tokens, say), the
+    merge kept the base's rows and lost the edit (a wrong model with exit 0)."""
+    model = tiny_model("llama", tie_word_embeddings=False)
+    model.save_pretrained(tmp_path / "base")
+    edited = type(model)(model.config)
+    edited.load_state_dict(model.state_dict())
+    with torch.no_grad():
+        edited.model.embed_tokens.weight[-4:] = edited.model.embed_tokens.weight[:-4].mean(0)
+    adapter = make_adapter(edited, tmp_path / "adapter", seed=0, r=2, target_modules=["embed_tokens", "q_proj"])
+    saved = load_file(adapter / "adapter_model.safetensors")["base_model.model.model.embed_tokens.base_layer.weight"]
+    assert not torch.equal(saved, model.model.embed_tokens.weight)
+    merge_checkpoints([adapter], tmp_path / "out", base=tmp_path / "base", progress=False)
+    check(tmp_path / "out", tmp_path / "base", [peft_merged(tmp_path / "base", adapter)], 1.0, 2)
 
 
 def test_an_adapter_of_another_model_is_refused_and_another_base_noted(tmp_path):

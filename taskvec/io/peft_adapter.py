@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import math
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -31,7 +31,14 @@ from taskvec.jsonfile import read_json
 
 PEFT_PREFIX = "base_model.model."
 _LORA_KEY = re.compile(r"(?P<module>.+)\.(?P<kind>lora_A|lora_B)\.weight|(?P<emb>.+)\.(?P<ekind>lora_embedding_[AB])")
-_UNSUPPORTED = ("use_dora", "lora_bias", "use_qalora", "use_bdlora")
+_DEFAULT_NAME = re.compile(r"\.(?P<kind>lora_[AB]|lora_embedding_[AB])\.default(?=\.weight$|$)")
+# variants whose merged weight is not base + B @ A * scaling, or not on the base's layers as they are
+_UNSUPPORTED = ("use_dora", "lora_bias", "use_qalora", "use_bdlora", "alora_invocation_tokens", "layer_replication",
+                "trainable_token_indices", "kasa_config", "monteclora_config", "arrow_config", "velora_config",
+                "lora_ga_config")
+# initialisations that leave the base's weights as they are (the others, PiSSA, OLoRA, CorDA, LoftQ
+# and MiCA among them, train factors of a changed base weight or merge as a variant)
+_PLAIN_INITS = (True, False, "gaussian", "eva", "orthogonal")
 
 
 @dataclass(frozen=True)
@@ -44,6 +51,7 @@ class LoraDelta:
     scaling: float
     transpose: bool  # from the config's fan_in_fan_out, until the base's module types decide
     embedding: bool = False  # lora_embedding_A/B: always transposed, as PEFT does
+    base: TensorEntry | None = None  # the module's weight the adapter saved (PEFT loads it over the base's)
 
     @property
     def shape(self) -> tuple[int, ...]:
@@ -69,12 +77,23 @@ def read_adapter(directory: Path) -> Adapter:
     config_path = directory / ADAPTER_CONFIG
     config = read_json(config_path, expect=dict)
     kind = config.get("peft_type")
+    if kind is None:
+        raise TaskvecError(f"{config_path}: no peft_type, so not a PEFT adapter (mlx-lm and other tools save "
+                           "their own formats); taskvec merges PEFT LoRA adapters only")
     if kind != "LORA":
-        raise TaskvecError(f"{config_path}: a {kind} adapter; taskvec merges LoRA adapters only")
+        raise TaskvecError(f"{config_path}: peft_type {kind!r}; taskvec merges PEFT LoRA adapters only "
+                           "(peft_type 'LORA')")
     for option in _UNSUPPORTED:
         if config.get(option):
             raise TaskvecError(f"{config_path}: {option} is set; taskvec computes plain LoRA deltas only "
                                "(merge it with PEFT's merge_and_unload and pass the merged model)")
+    init = config.get("init_lora_weights", True)
+    if not any(init is plain or (isinstance(init, str) and init == plain) for plain in _PLAIN_INITS):
+        raise TaskvecError(f"{config_path}: init_lora_weights is {init!r}: its factors belong to a base weight "
+                           "PEFT changed when it initialised them (PiSSA, OLoRA, CorDA, LoftQ) or merge as a "
+                           "variant, not to the base taskvec reads; save the adapter with PEFT's "
+                           "path_initial_model_for_weight_conversion (a plain LoRA of the original base), or merge "
+                           "it with merge_and_unload and pass the merged model")
     weights = directory / ADAPTER_SAFETENSORS
     if weights.is_file():
         tensors = read_header(weights).tensors
@@ -102,14 +121,19 @@ def read_adapter(directory: Path) -> Adapter:
     for module, parts in factors.items():
         if "A" not in parts or "B" not in parts:
             raise TaskvecError(f"{weights}: module '{module}' has lora_{'B' if 'A' in parts else 'A'} missing")
-        adapter.deltas[f"{module}.weight"] = _delta(config, config_path, module, parts)
+        delta = _delta(config, config_path, module, parts)
+        saved = adapter.replaced.pop(delta.target, None)  # `base_layer.weight` (save_embedding_layers)
+        adapter.deltas[delta.target] = replace(delta, base=saved) if saved is not None else delta
     return adapter
 
 
 def _module_name(key: str) -> str:
-    """PEFT's key -> the base model's name: no `base_model.model.` prefix, no `.base_layer`."""
+    """PEFT's key -> the base model's name: no `base_model.model.` prefix, no `.base_layer`, no
+    adapter name `default` (in keys of a whole PEFT model's state dict, which PEFT loads alike)."""
     key = key.removeprefix(PEFT_PREFIX)
+    key = _DEFAULT_NAME.sub(r".\g<kind>", key)
     return key.replace(".base_layer.", ".")
+
 
 
 def _delta(config: dict, where: Path, module: str, parts: dict) -> LoraDelta:
@@ -119,7 +143,7 @@ def _delta(config: dict, where: Path, module: str, parts: dict) -> LoraDelta:
         raise TaskvecError(f"{b.path}: module '{module}': lora_B is {list(b.shape)}, lora_A {list(a.shape)}; "
                            "their ranks differ (corrupt adapter)")
     alpha = config.get("lora_alpha", 8)
-    pattern = _pattern_value(config.get("alpha_pattern") or {}, module)
+    pattern = _pattern_value(config.get("alpha_pattern") or {}, module, where)
     alpha = pattern if pattern is not None else alpha
     if not isinstance(alpha, (int, float)) or isinstance(alpha, bool) or rank == 0:
         raise TaskvecError(f"{where}: lora_alpha {alpha!r} for module '{module}' is not a number")
@@ -128,11 +152,18 @@ def _delta(config: dict, where: Path, module: str, parts: dict) -> LoraDelta:
     return LoraDelta(f"{module}.weight", a, b, float(scaling), transpose, bool(parts["embedding"]))
 
 
-def _pattern_value(patterns: dict, module: str):
+def _pattern_value(patterns, module: str, where: Path):
     """PEFT's rank/alpha pattern rule (peft.utils.other.get_pattern_key): a key matches a
     module name that ends with it, as whole dotted components."""
+    if not isinstance(patterns, dict):
+        raise TaskvecError(f"{where}: alpha_pattern is {type(patterns).__name__}, not an object of "
+                           "module patterns and alphas")
     for key, value in patterns.items():
-        if re.match(rf"(.*\.)?({key})$", module):
+        try:
+            found = re.match(rf"(.*\.)?({key})$", module)
+        except re.error as err:
+            raise TaskvecError(f"{where}: alpha_pattern key {key!r} is not a regular expression ({err})") from None
+        if found:
             return value
     return None
 

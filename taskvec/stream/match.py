@@ -161,7 +161,9 @@ def _match_adapter(reference, ref_tensors, ref_tied, checkpoint, tensors, source
         key = embedding if name == TIED_OUTPUT and ref_tied and name not in tensors and embedding else name
         item = tensors.get(key)
         if isinstance(item, LoraDelta):
-            source = LoraSource(ref_tensors[key], _oriented(item, ref_tensors[key], transposed))
+            if item.base is not None:  # the module's weight as the adapter saved it: PEFT merges onto that
+                _check_shape(key, item.base, ref_tensors[key])
+            source = LoraSource(item.base or ref_tensors[key], _oriented(item, ref_tensors[key], transposed))
         elif item is not None:
             _check_shape(name, item, ref)
             source = item
