@@ -345,21 +345,49 @@ def test_an_untied_finetune_of_a_tied_base_is_refused(tmp_path):
     expect_refusal(tmp_path, tmp_path / "base", [ft], "its output embedding 'lm_head.weight' is its own")
 
 
-def test_a_tied_finetune_storing_a_head_of_its_own_is_refused(tmp_path):
+def _input_embedding(model) -> str:
+    return next(n for n, p in model.named_parameters() if p is model.get_input_embeddings().weight)
+
+
+@pytest.mark.parametrize("kind", ["gpt2", "falcon", "bloom", "mamba"])
+def test_a_tied_finetune_storing_a_head_of_its_own_is_refused(tmp_path, kind):
     """Its config ties the embeddings but its file stores lm_head with other values: transformers
     loads it untied, so a merge onto a tied base would lose that head (it was dropped silently,
-    exit 0). The same values stored twice are a tied pair and merge as one."""
-    model = tiny_model("gpt2")
+    exit 0, and still was for architectures whose input embedding has another name: Falcon's and
+    BLOOM's word_embeddings, Mamba's embeddings). The same values stored twice are a tied pair and
+    merge as one."""
+    model = tiny_model(kind)
+    embedding = _input_embedding(model)
     model.save_pretrained(tmp_path / "base")
     (ft,) = perturbed_copies(model, tmp_path, 1)
     state = load_dir(ft)
-    state["lm_head.weight"] = state["transformer.wte.weight"] + 0.5
+    state["lm_head.weight"] = state[embedding] + 0.5
     save_file(state, ft / "model.safetensors")
     expect_refusal(tmp_path, tmp_path / "base", [ft], f"{ft}: its output embedding 'lm_head.weight' holds other values")
-    state["lm_head.weight"] = state["transformer.wte.weight"].clone()
+    state["lm_head.weight"] = state[embedding].clone()
     save_file(state, ft / "model.safetensors")
     merge_checkpoints([ft], tmp_path / "out", base=tmp_path / "base", progress=False)
     merged_against_reference(load_dir(tmp_path / "base"), [load_dir(ft)], tmp_path / "out")
+
+
+@pytest.mark.parametrize("kind", ["falcon", "bloom", "mamba"])
+def test_a_base_storing_its_tied_head_merges_with_finetunes_that_do_not(tmp_path, kind):
+    """A tied base whose file stores the head beside the embedding (as some hub checkpoints do)
+    and a fine-tune save_pretrained wrote without it: the fine-tune's head is its embedding. For
+    input embeddings named otherwise than the common ones this was refused as a missing tensor."""
+    model = tiny_model(kind)
+    embedding = _input_embedding(model)
+    (ft,) = perturbed_copies(model, tmp_path, 1)
+    base = tmp_path / "base"
+    model.save_pretrained(base)
+    state = load_dir(base)
+    state["lm_head.weight"] = state[embedding].clone()
+    save_file(state, base / "model.safetensors", metadata={"format": "pt"})
+    merge_checkpoints([ft], tmp_path / "out", base=base, progress=False)
+    finetuned = load_dir(ft)
+    merged_against_reference(load_dir(base), [{**finetuned, "lm_head.weight": finetuned[embedding]}], tmp_path / "out")
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "out")
+    assert loaded.lm_head.weight is loaded.get_input_embeddings().weight
 
 
 @pytest.mark.parametrize("stale_shards", [False, True])

@@ -19,6 +19,10 @@ CONFIGS = {  # model_type -> config fields beyond the shared sizes
     "gpt_neox": {k: v for k, v in _SIZES.items() if k != "num_key_value_heads"},
     "opt": dict(vocab_size=64, hidden_size=16, ffn_dim=32, num_hidden_layers=2, num_attention_heads=2,
                 max_position_embeddings=32, word_embed_proj_dim=16),
+    # tied, with input embeddings named otherwise
+    "falcon": dict(vocab_size=64, hidden_size=16, num_hidden_layers=2, num_attention_heads=2, tie_word_embeddings=True),
+    "bloom": dict(vocab_size=64, hidden_size=16, num_hidden_layers=2, num_attention_heads=2, tie_word_embeddings=True),
+    "mamba": dict(vocab_size=64, hidden_size=16, num_hidden_layers=2, state_size=4, tie_word_embeddings=True),
 }
 
 

@@ -43,6 +43,8 @@ INPUT_EMBEDDINGS = (
     "model.embed_tokens.weight",
     "model.decoder.embed_tokens.weight",
     "gpt_neox.embed_in.weight",
+    "transformer.word_embeddings.weight",  # Falcon, BLOOM
+    "backbone.embeddings.weight",  # Mamba
     "wte.weight",
     "embed_tokens.weight",
     "decoder.embed_tokens.weight",
