@@ -210,3 +210,36 @@ except TaskvecError as err:
     for _ in range(4):
         done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
         assert (done.returncode, done.stderr) == (0, "")
+
+
+def test_the_warm_up_thread_loads_the_loops_without_scipy_and_leaves_it_to_others():
+    """numba imports scipy (about half of its loading) only for np.dot's BLAS, which the loops do
+    not use: the loading thread is refused it, other threads import it meanwhile as usual, and
+    the refusal ends with the loading."""
+    script = """
+import sys, threading
+from taskvec.inspect import warm
+warm.start()
+import scipy.linalg  # this thread, while the loading runs
+assert "scipy.linalg" in sys.modules
+for thread in threading.enumerate():
+    if thread.name == warm.THREAD_NAME:
+        thread.join()
+assert not any(type(finder).__module__ == "taskvec.inspect.warm" for finder in sys.meta_path)
+from taskvec.inspect import loops
+assert len(loops.accumulate.signatures) == 1
+print("ok")
+"""
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert (done.returncode, done.stdout.strip()) == (0, "ok"), done.stderr
+    alone = """
+import sys, threading
+from taskvec.inspect import warm
+warm.start()
+for thread in threading.enumerate():
+    if thread.name == warm.THREAD_NAME:
+        thread.join()
+print(sorted(name for name in sys.modules if name == "scipy" or name.startswith("scipy.")))
+"""
+    done = subprocess.run([sys.executable, "-c", alone], capture_output=True, text=True, timeout=120)
+    assert (done.returncode, done.stdout.strip()) == (0, "[]"), done.stderr

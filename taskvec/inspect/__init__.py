@@ -10,6 +10,7 @@ norms, extremes, near-zero shares on absolute and per-tensor relative scales, hi
     keys          the relative grid's keys (bits of |tau|), shared by both
     loops         the same statistics as compiled loops over cache-sized tiles (numba, no torch)
     fused         the CPU pass: the loops on a thread per core, closed into the reference's totals
+    warm          loading the loops on a thread, beside torch's import
     stream        the pass over the plan's jobs
     mapped        inputs read in place from read-only mappings (the CPU pass)
     summary       statistics from the sums, per tensor, group and overall
@@ -57,7 +58,9 @@ def inspect_checkpoints(
     if not finetuned and not merged:
         raise TaskvecError("nothing to inspect: give at least one fine-tuned or merged model")
     if device == "cpu":
-        _warm_compiled_pass()
+        from taskvec.inspect import warm
+
+        warm.start()
     import torch
 
     from taskvec import __version__
@@ -115,25 +118,6 @@ def inspect_checkpoints(
     if output is not None:
         _write(Path(output), stats, plot, overwrite)
     return stats
-
-
-def _warm_compiled_pass() -> None:
-    """Start loading the CPU pass's compiled loops beside the imports and the planning; the pass
-    itself waits for the loading where it is not done (numba's lock), and raises any error. Not a
-    daemon: should the command fail before its pass, the interpreter waits for the loading to end
-    (a second or so) instead of finalizing around it, which can abort the process ("terminate
-    called without an active exception", status 134)."""
-    import threading
-
-    def load() -> None:
-        try:
-            from taskvec.inspect.loops import warm_up
-
-            warm_up()
-        except Exception:  # noqa: BLE001 - the pass reports it, with its context
-            pass
-
-    threading.Thread(target=load, name="taskvec-inspect-warm-up").start()
 
 
 def _write(output: Path, stats: dict, plot: bool, overwrite: bool) -> None:
