@@ -183,6 +183,19 @@ def test_weighted_mean_on_a_model_matches_float64(synthetic_sets, tmp_path, dtyp
         assert_close_to_reference(got[name], reference, bound, name)
 
 
+@pytest.mark.parametrize("method, params", [("negated_mean", {}), ("ties", dict(density=0.3)),
+                                            ("dare", dict(density=0.6, seed=1)), ("dare-ties", dict(density=0.6))])
+def test_weights_only_count_by_their_ratios(tmp_path, method, params):
+    """1e-50,2e-50 is 1,2: such weights underflowed the kernels' float32 tables (NaN or inf with
+    exit 0, or the base itself for ties)."""
+    base, fts = write_models(tmp_path / "in", 2, torch.float32, seed=4)
+    merge(fts, tmp_path / "plain", base, method=method, weights=[1.0, 2.0], **params)
+    for tiny in ([1e-50, 2e-50], [1e-44, 2e-44]):
+        merge(fts, tmp_path / "tiny", base, method=method, weights=tiny, overwrite=True, **params)
+        plain, small = load_dir(tmp_path / "plain"), load_dir(tmp_path / "tiny")
+        assert all(torch.equal(plain[k], small[k]) for k in plain), tiny
+
+
 def test_equal_weights_are_the_plain_mean_byte_for_byte(synthetic_sets, tmp_path):
     sset = synthetic_sets("float32")
     plain = merge(sset.finetuned[:3], tmp_path / "plain", sset.base, scale=[0.5, 1.0])
@@ -300,6 +313,9 @@ def test_ties_matches_mergekit_yaml(synthetic_sets, tmp_path):
     (["--method", "ties", "--density", "0"], "--density must be in (0, 1]"),
     (["--method", "dare", "--density", "1.5"], "--density must be in (0, 1]"),
     (["--method", "dare", "--density", "nan"], "--density must be in (0, 1]"),
+    # below the mask's resolution nothing is kept, and float32(1e-46) = 0 filled the output with NaN
+    (["--method", "dare", "--density", "1e-46"], "--density must be at least 2**-32 (2.3e-10) for dare and dare-ties"),
+    (["--method", "dare-ties", "--density", "1e-12"], "--density must be at least 2**-32"),
     (["--method", "dare", "--density", "0.5", "--seed", "-1"], "--seed must be in 0..4294967295"),
     (["--method", "dare", "--density", "0.5", "--seed", str(2**32)], "--seed must be in 0..4294967295"),
     (["--density", "0.5"], "negated_mean takes no parameter 'density'"),

@@ -149,7 +149,12 @@ class MergeMethod:
         raise NotImplementedError(f"{self.name} has no linear form")
 
     def forms(self, n: int, scales: Sequence[float], weights: tuple[float, ...] | None = None) -> list:
-        """What the executors evaluate, one per scale: LinearForm, or CombineForm when non-linear."""
+        """What the executors evaluate, one per scale: LinearForm, or CombineForm when non-linear.
+        Weights are divided by their sum first (in float64): weights of 1e-50 would underflow the
+        kernels' float32 tables, and the methods only use their ratios."""
+        if weights is not None:
+            total = math.fsum(weights)
+            weights = tuple(w / total for w in weights)
         if self.linear:
             return [self.linear_form(n, s, weights) for s in scales]
         return [CombineForm(self, s, weights) for s in scales]

@@ -12,6 +12,16 @@ from taskvec.methods.base import ChunkContext, FusedCombine, MergeMethod, Param
 from taskvec.methods.ties import DENSITY
 
 
+def _density(value: float) -> str | None:
+    """(0, 1], and no lower than the mask's resolution: an entry is kept iff its 32-bit word is
+    below density * 2**32 (below 2**-32 nothing would be, and 1/density is no float32 number)."""
+    if not 0 < value <= 1:
+        return "must be in (0, 1]"
+    if value < 2**-32:
+        return "must be at least 2**-32 (2.3e-10) for dare and dare-ties: below it the random mask keeps no entry"
+    return None
+
+
 def _seed(value: int) -> str | None:
     return None if 0 <= value <= 2**32 - 1 else "must be in 0..4294967295"
 
@@ -24,7 +34,7 @@ class Dare(MergeMethod):
     name = "dare"
     formula = "base - scale * weighted_mean_i(mask_i * (ft_i - base) / density), mask_i ~ Bernoulli(density)"
     reference = "Yu et al., ICML 2024: Language Models are Super Mario (arXiv:2311.03099)"
-    params = (DENSITY, SEED)
+    params = (Param("density", float, None, DENSITY.help, _density), SEED)
     linear = False
     memory = "N + 1 input chunks and the N task-vector chunks (the chunk shrinks with N); no pre-pass"
     consensus = "mean"  # what combine() takes after the drop (the fused kernel's switch)
