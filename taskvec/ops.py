@@ -16,6 +16,8 @@ sees the operation.
 
 from __future__ import annotations
 
+import math
+import numbers
 from collections.abc import Mapping, Sequence
 
 import torch
@@ -46,6 +48,9 @@ def combine(base: torch.Tensor, tensors: Sequence[torch.Tensor], base_coef: floa
             raise TaskvecError(f"{what} has dtype {tensor.dtype}: task arithmetic takes floating-point tensors")
     if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
         raise TaskvecError(f"dtype must be a floating torch.dtype (e.g. torch.bfloat16), not {dtype!r}")
+    wide = any(t.dtype == torch.float64 for t in (base, *tensors))
+    for what, coef in (("base_coef", base_coef), ("sum_coef", sum_coef)):
+        _check_number(what, coef, wide)
     for i, tensor in enumerate(tensors):
         if tensor.shape != base.shape:
             raise TaskvecError(f"tensor {i} has shape {list(tensor.shape)}, base has {list(base.shape)}")
@@ -56,9 +61,18 @@ def combine(base: torch.Tensor, tensors: Sequence[torch.Tensor], base_coef: floa
 
         return combine_triton(base.contiguous(), [t.contiguous() for t in tensors],
                               base_coef, sum_coef, dtype=dtype)
-    wide = any(t.dtype == torch.float64 for t in (base, *tensors))
     acc = torch.empty(base.shape, dtype=torch.float64, device=base.device) if wide else None
     return combine_reference(base, tensors, base_coef, sum_coef, dtype=dtype, acc=acc)
+
+
+def _check_number(what: str, value: float, wide: bool) -> None:
+    """A finite coefficient (a scale), within float32's range unless the sum is float64: NaN gave an
+    all-NaN result, 1e39 torch's bare RuntimeError."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):  # numpy's floats are Real
+        raise TaskvecError(f"{what} must be a number, got {value!r}")
+    limit = torch.finfo(torch.float64 if wide else torch.float32).max
+    if not math.isfinite(float(value)) or abs(float(value)) > limit:
+        raise TaskvecError(f"{what} must be a finite {'float64' if wide else 'float32'} number, got {value}")
 
 
 def _kernel_applies(base: torch.Tensor, tensors: list[torch.Tensor], dtype: torch.dtype | None) -> bool:
@@ -88,12 +102,14 @@ def mean_task_vector(base: torch.Tensor, finetuned: Sequence[torch.Tensor], *, d
 
 def negate(base: torch.Tensor, vector: torch.Tensor, scale: float = 1.0, *, dtype=None) -> torch.Tensor:
     """Move away from a task vector: ``base - scale * vector``."""
+    _check_number("scale", scale, wide=True)
     return combine(base, [vector], 1.0, -scale, dtype=dtype)
 
 
 def negated_mean(base: torch.Tensor, finetuned: Sequence[torch.Tensor], scale: float = 1.0,
                  *, dtype=None) -> torch.Tensor:
     """The detoxified weight ``base - scale * (mean(finetuned) - base)``, in one fused pass."""
+    _check_number("scale", scale, wide=True)
     finetuned = list(finetuned)
     n = max(len(finetuned), 1)
     return combine(base, finetuned, 1.0 + scale, -scale / n, dtype=dtype)

@@ -1,5 +1,6 @@
 """taskvec.ops against float64 definitions, across shapes and dtypes, and TaskVector algebra."""
 
+import numpy as np
 import pytest
 import torch
 
@@ -71,6 +72,19 @@ def test_errors_are_clear():
         ops.negated_mean(base, fts, dtype="bf16")
     with pytest.raises(TaskvecError, match="tensor 0 is a list, not a torch.Tensor"):
         ops.negated_mean(base, [[0.0] * 8])
+    # a NaN or infinite scale gave an all-NaN result, one beyond float32 torch's bare RuntimeError
+    for scale in (float("nan"), float("inf")):
+        with pytest.raises(TaskvecError, match="scale must be a finite float64 number"):
+            ops.negated_mean(base, fts, scale)
+        with pytest.raises(TaskvecError, match="scale must be a finite"):
+            ops.negate(base, fts[0], scale)
+    with pytest.raises(TaskvecError, match="base_coef must be a finite float32 number, got 1e"):
+        ops.negated_mean(base, fts, 1e39)
+    with pytest.raises(TaskvecError, match="scale must be a number, got '1'"):
+        ops.negated_mean(base, fts, "1")
+    assert torch.equal(ops.negated_mean(base, fts, np.float32(0.5)), ops.negated_mean(base, fts, 0.5))
+    wide = ops.negated_mean(base.double(), [f.double() for f in fts], 1e39)  # a float64 sum holds it
+    assert wide.dtype == torch.float64 and torch.isfinite(wide).all()
 
 
 def state_dicts(n=3, dtype=torch.float32):
