@@ -172,7 +172,7 @@ def test_a_cells_halves_hold_the_slots_of_its_values(log_bins, bins):
 def test_the_warm_up_loads_the_very_loop_the_pass_runs(tmp_path):
     """inspect_checkpoints loads the compiled loops on a thread while it imports and plans; that is
     only worth it if the pass then finds the same compiled signatures (float32 and float64 rows
-    alike, the tensors' closing too), not a second one to load."""
+    alike, the tensors' closing too, an integer p from the Python API), not a second one to load."""
     loops.warm_up()
     compiled = (loops.accumulate, loops.close_cells)
     warmed = [set(loop.signatures) for loop in compiled]
@@ -182,6 +182,7 @@ def test_the_warm_up_loads_the_very_loop_the_pass_runs(tmp_path):
         folder.mkdir()
         base, finetuned = write_models(folder, dtype, 2, exact=False)
         inspect_checkpoints(base, finetuned, progress=False)
+        inspect_checkpoints(base, finetuned, progress=False, p=3)
     assert [set(loop.signatures) for loop in compiled] == warmed
 
 
@@ -211,35 +212,3 @@ except TaskvecError as err:
         done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
         assert (done.returncode, done.stderr) == (0, "")
 
-
-def test_the_warm_up_thread_loads_the_loops_without_scipy_and_leaves_it_to_others():
-    """numba imports scipy (about half of its loading) only for np.dot's BLAS, which the loops do
-    not use: the loading thread is refused it, other threads import it meanwhile as usual, and
-    the refusal ends with the loading."""
-    script = """
-import sys, threading
-from taskvec.inspect import warm
-warm.start()
-import scipy.linalg  # this thread, while the loading runs
-assert "scipy.linalg" in sys.modules
-for thread in threading.enumerate():
-    if thread.name == warm.THREAD_NAME:
-        thread.join()
-assert not any(type(finder).__module__ == "taskvec.inspect.warm" for finder in sys.meta_path)
-from taskvec.inspect import loops
-assert len(loops.accumulate.signatures) == 1
-print("ok")
-"""
-    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
-    assert (done.returncode, done.stdout.strip()) == (0, "ok"), done.stderr
-    alone = """
-import sys, threading
-from taskvec.inspect import warm
-warm.start()
-for thread in threading.enumerate():
-    if thread.name == warm.THREAD_NAME:
-        thread.join()
-print(sorted(name for name in sys.modules if name == "scipy" or name.startswith("scipy.")))
-"""
-    done = subprocess.run([sys.executable, "-c", alone], capture_output=True, text=True, timeout=120)
-    assert (done.returncode, done.stdout.strip()) == (0, "[]"), done.stderr

@@ -1,16 +1,12 @@
 """Loading the CPU pass's compiled loops on a thread, beside torch's import and the planning.
 
-Loading numba and its cached loops takes about a second, most of it Python work that shares the
-GIL with torch's import; about half of it is scipy, which numba imports only to check its
-version and to learn whether its np.dot may call BLAS. The loops use neither, so the loading
-thread is refused scipy (other threads import it as usual): numba then counts on no BLAS, which
-changes only how numba-compiled np.correlate and np.convolve sum (a plain loop, the same values).
+numba's import and the loading of its cached loops take about a second, most of it Python work
+on the GIL: on two cores it runs beside torch's import instead of after the planning, so that the
+pass finds the loops loaded.
 """
 
 from __future__ import annotations
 
-import importlib.abc
-import sys
 import threading
 
 THREAD_NAME = "taskvec-inspect-warm-up"
@@ -25,25 +21,9 @@ def start() -> None:
 
 
 def _load() -> None:
-    finder = _NoScipyOnThisThread()
-    sys.meta_path.insert(0, finder)
     try:
         from taskvec.inspect.loops import warm_up
 
         warm_up()
     except Exception:  # noqa: BLE001 - the pass reports it, with its context
         pass
-    finally:
-        sys.meta_path.remove(finder)
-
-
-class _NoScipyOnThisThread(importlib.abc.MetaPathFinder):
-    """Refuses scipy to imports on the thread that made it, while it is on sys.meta_path."""
-
-    def __init__(self) -> None:
-        self.thread = threading.get_ident()
-
-    def find_spec(self, name, path=None, target=None):
-        if threading.get_ident() == self.thread and (name == "scipy" or name.startswith("scipy.")):
-            raise ModuleNotFoundError(f"{name} is not imported while taskvec loads its compiled loops", name=name)
-        return None
