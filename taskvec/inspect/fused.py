@@ -33,7 +33,7 @@ class FusedState:
         self.blocks = blocks or min(MAX_BLOCKS, len(os.sched_getaffinity(0)))
         self._pool = ThreadPoolExecutor(self.blocks, thread_name_prefix="taskvec-inspect")
         shape = (self.blocks, rows)
-        self.power = settings.p if settings.p not in (1.0, 2.0) else 0.0
+        self.power = float(settings.p) if settings.p not in (1.0, 2.0) else 0.0  # p=3 would compile an int loop
         self.threshold_bits = np.asarray(settings.thresholds, dtype=np.float64).view(np.int64)
         binning = abs_binning
         self.cells = CellBins(binning)
