@@ -167,7 +167,7 @@ def test_adapter_kinds_taskvec_does_not_compute_are_refused(tmp_path):
     (dict(trainable_token_indices=[3]), "trainable_token_indices is set"),
     (dict(kasa_config={"r": 2}), "kasa_config is set"),
     (dict(velora_config={"rank": 2}), "velora_config is set"),
-    (dict(lora_ga_config={"iters": 2}), "lora_ga_config is set"),
+    (dict(init_lora_weights="lora_ga", lora_ga_config={"iters": 2}), "init_lora_weights is 'lora_ga'"),
     (dict(init_lora_weights="pissa"), "init_lora_weights is 'pissa': its factors belong to a base weight"),
     (dict(init_lora_weights="pissa_niter_4"), "init_lora_weights is 'pissa_niter_4'"),
     (dict(init_lora_weights="olora"), "init_lora_weights is 'olora'"),
@@ -192,13 +192,14 @@ def test_lora_variants_and_changed_bases_are_refused_in_one_line(tmp_path, chang
     assert "\n" not in str(caught.value) and not (tmp_path / "out").exists()
 
 
-@pytest.mark.parametrize("init", [True, "gaussian", "eva", "orthogonal"])
-def test_initialisations_that_keep_the_base_merge_as_plain_lora(tmp_path, init):
+@pytest.mark.parametrize("init, extra", [(True, {}), ("gaussian", {}), ("eva", {}), ("orthogonal", {}),
+                                         (True, {"lora_ga_config": {"iters": 2}})])  # LoRA-GA converted by PEFT
+def test_initialisations_that_keep_the_base_merge_as_plain_lora(tmp_path, init, extra):
     model = tiny_model("llama")
     model.save_pretrained(tmp_path / "base")
     adapter = make_adapter(model, tmp_path / "adapter", seed=0, r=2, **LLAMA_LORA)
     config = json.loads((adapter / "adapter_config.json").read_text())
-    (adapter / "adapter_config.json").write_text(json.dumps({**config, "init_lora_weights": init}))
+    (adapter / "adapter_config.json").write_text(json.dumps({**config, "init_lora_weights": init, **extra}))
     merge_checkpoints([adapter], tmp_path / "out", base=tmp_path / "base", progress=False)
     check(tmp_path / "out", tmp_path / "base", [peft_merged(tmp_path / "base", adapter)], 1.0, 2)
 
