@@ -67,12 +67,23 @@ def combine(base: torch.Tensor, tensors: Sequence[torch.Tensor], base_coef: floa
 
 def _check_number(what: str, value: float, wide: bool) -> None:
     """A finite coefficient (a scale), within float32's range unless the sum is float64: NaN gave an
-    all-NaN result, 1e39 torch's bare RuntimeError."""
+    all-NaN result, 1e39 torch's bare RuntimeError. A tensor (a scale autograd follows) is the
+    caller's to check."""
+    if isinstance(value, torch.Tensor):
+        return
     if isinstance(value, bool) or not isinstance(value, numbers.Real):  # numpy's floats are Real
         raise TaskvecError(f"{what} must be a number, got {value!r}")
     limit = torch.finfo(torch.float64 if wide else torch.float32).max
-    if not math.isfinite(float(value)) or abs(float(value)) > limit:
-        raise TaskvecError(f"{what} must be a finite {'float64' if wide else 'float32'} number, got {value}")
+    try:
+        number = float(value)
+    except OverflowError:  # an int beyond any float
+        number = math.inf
+    if not math.isfinite(number) or abs(number) > limit:
+        raise TaskvecError(f"{what} must be a finite {'float64' if wide else 'float32'} number, got {number:g}")
+
+
+def _has_float64(*tensors) -> bool:
+    return any(isinstance(t, torch.Tensor) and t.dtype == torch.float64 for t in tensors)
 
 
 def _kernel_applies(base: torch.Tensor, tensors: list[torch.Tensor], dtype: torch.dtype | None) -> bool:
@@ -102,15 +113,15 @@ def mean_task_vector(base: torch.Tensor, finetuned: Sequence[torch.Tensor], *, d
 
 def negate(base: torch.Tensor, vector: torch.Tensor, scale: float = 1.0, *, dtype=None) -> torch.Tensor:
     """Move away from a task vector: ``base - scale * vector``."""
-    _check_number("scale", scale, wide=True)
+    _check_number("scale", scale, _has_float64(base, vector))
     return combine(base, [vector], 1.0, -scale, dtype=dtype)
 
 
 def negated_mean(base: torch.Tensor, finetuned: Sequence[torch.Tensor], scale: float = 1.0,
                  *, dtype=None) -> torch.Tensor:
     """The detoxified weight ``base - scale * (mean(finetuned) - base)``, in one fused pass."""
-    _check_number("scale", scale, wide=True)
     finetuned = list(finetuned)
+    _check_number("scale", scale, _has_float64(base, *finetuned))
     n = max(len(finetuned), 1)
     return combine(base, finetuned, 1.0 + scale, -scale / n, dtype=dtype)
 
@@ -192,6 +203,7 @@ class TaskVector:
         missing = [k for k in self.vector if k not in base]
         if missing:
             raise TaskvecError(f"tensor '{missing[0]}' of the task vector is not in the base")
+        _check_number("scale", scale, _has_float64(*base.values(), *self.vector.values()))
         return {
             name: negate(tensor, self.vector[name], -scale) if name in self.vector else tensor.clone()
             for name, tensor in base.items()

@@ -74,12 +74,17 @@ def test_errors_are_clear():
         ops.negated_mean(base, [[0.0] * 8])
     # a NaN or infinite scale gave an all-NaN result, one beyond float32 torch's bare RuntimeError
     for scale in (float("nan"), float("inf")):
-        with pytest.raises(TaskvecError, match="scale must be a finite float64 number"):
+        with pytest.raises(TaskvecError, match="scale must be a finite float32 number, got nan|got inf"):
             ops.negated_mean(base, fts, scale)
         with pytest.raises(TaskvecError, match="scale must be a finite"):
             ops.negate(base, fts[0], scale)
-    with pytest.raises(TaskvecError, match="base_coef must be a finite float32 number, got 1e"):
+    with pytest.raises(TaskvecError, match="scale must be a finite float32 number, got 1e"):
         ops.negated_mean(base, fts, 1e39)
+    with pytest.raises(TaskvecError, match="scale must be a finite float32 number"):
+        ops.negate(base, fts[0], 10**400)
+    with pytest.raises(TaskvecError, match="base_coef must be a finite float32 number"):
+        ops.combine(base, fts, 1e39, 1.0)
+    assert torch.equal(ops.negated_mean(base, fts, torch.tensor(0.5)), ops.negated_mean(base, fts, 0.5))
     with pytest.raises(TaskvecError, match="scale must be a number, got '1'"):
         ops.negated_mean(base, fts, "1")
     assert torch.equal(ops.negated_mean(base, fts, np.float32(0.5)), ops.negated_mean(base, fts, 0.5))
