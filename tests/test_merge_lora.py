@@ -292,6 +292,22 @@ def test_an_adapter_of_the_headless_model_is_oriented_under_its_renamed_name(tmp
     check(tmp_path / "out", tmp_path / "base", [reference], 1.0, 4)
 
 
+def test_an_embedding_trained_whole_and_kept_tied_merges_as_peft_merges_it(tmp_path):
+    """PEFT's ensure_weight_tying on a tied base: modules_to_save trains one embedding, saved both
+    as the embedding and as the head with the same values. That is a tied pair: the trained
+    embedding, the head following it (it was refused as a change of the tied head)."""
+    model = tiny_model("llama", tie_word_embeddings=True)
+    model.save_pretrained(tmp_path / "base")
+    adapter = make_adapter(model, tmp_path / "adapter", seed=0, r=2, target_modules=["q_proj"],
+                           modules_to_save=["embed_tokens"], ensure_weight_tying=True)
+    saved = load_file(adapter / "adapter_model.safetensors")
+    assert torch.equal(saved["base_model.model.lm_head.weight"], saved["base_model.model.model.embed_tokens.weight"])
+    merge_checkpoints([adapter], tmp_path / "out", base=tmp_path / "base", progress=False)
+    check(tmp_path / "out", tmp_path / "base", [peft_merged(tmp_path / "base", adapter)], 1.0, 2)
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "out")
+    assert loaded.lm_head.weight is loaded.get_input_embeddings().weight
+
+
 def test_adapters_that_would_untie_a_tied_base_are_refused(tmp_path):
     model = tiny_model("gpt2")
     model.save_pretrained(tmp_path / "base")

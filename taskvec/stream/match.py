@@ -152,7 +152,7 @@ def _match_adapter(reference, ref_tensors, ref_tied, checkpoint, tensors, source
     """A LoRA adapter as a fine-tune: base + delta for its target modules, its own tensors where it
     trains them whole, the base's everywhere else. Returns a note if it names another base."""
     embedding = next((n for n in INPUT_EMBEDDINGS if n in ref_tensors), None)
-    _check_adapter_ties(reference, ref_tied, checkpoint, tensors, embedding)
+    tensors = _adapter_ties(reference, ref_tied, checkpoint, tensors, embedding)
     for name in tensors:
         if name not in ref_tensors:
             raise TaskvecError(f"{checkpoint.path}: the adapter changes '{name}', which {reference.path} "
@@ -187,11 +187,17 @@ def _names_model(wanted: str, reference) -> bool:
         return False
 
 
-def _check_adapter_ties(reference, ref_tied, checkpoint, tensors, embedding) -> None:
-    """Refuse what would untie a tied base's embeddings: PEFT trains a copy of a `modules_to_save`
-    embedding (the head keeps the old one) and merges a tied head's LoRA into both tensors."""
+def _adapter_ties(reference, ref_tied, checkpoint, tensors, embedding) -> dict:
+    """The adapter's tensors on a tied base. A trained embedding saved twice, as embedding and head
+    with the same values, is a tied pair (PEFT's ensure_weight_tying): one embedding, the head
+    follows it. Refused, what would untie the base's embeddings: PEFT trains a copy of a
+    `modules_to_save` embedding (the head keeps the old one) and merges a tied head's LoRA into
+    both tensors."""
     if not ref_tied:
-        return
+        return tensors
+    head, own = tensors.get(TIED_OUTPUT), tensors.get(embedding)
+    if isinstance(head, TensorEntry) and isinstance(own, TensorEntry) and _same_bytes(head, own):
+        return {name: item for name, item in tensors.items() if name != TIED_OUTPUT}
     if TIED_OUTPUT in tensors:
         raise TaskvecError(f"{checkpoint.path}: the adapter changes '{TIED_OUTPUT}', which {reference.path} "
                            "ties to its input embedding; taskvec does not merge that (merge it with PEFT's "
@@ -200,6 +206,7 @@ def _check_adapter_ties(reference, ref_tied, checkpoint, tensors, embedding) -> 
         raise TaskvecError(f"{checkpoint.path}: the adapter trains '{embedding}' whole (modules_to_save), which "
                            f"{reference.path} ties to its output embedding: the fine-tune's head is the old "
                            "embedding, which a tied output cannot hold; untie the base first")
+    return tensors
 
 
 def _oriented(delta: LoraDelta, ref, transposed: frozenset[str] | None) -> LoraDelta:
