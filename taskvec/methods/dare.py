@@ -14,7 +14,7 @@ from taskvec.methods.ties import DENSITY
 
 def _density(value: float) -> str | None:
     """(0, 1], and no lower than the mask's resolution: an entry is kept iff its 32-bit word is
-    below density * 2**32 (below 2**-32 nothing would be, and 1/density is no float32 number)."""
+    below density * 2**32, so below 2**-32 nothing would be (and float32(density) could be 0)."""
     if not 0 < value <= 1:
         return "must be in (0, 1]"
     if value < 2**-32:
