@@ -128,7 +128,7 @@ def merge_checkpoints(
         "base": _identity(checkpoints[0]) if base is not None else None,
         "finetuned": [_identity(c) for c in checkpoints[-len(finetuned):]],
         **({"base_coef": form.base_coef, "sum_coef": form.sum_coef} if chosen.linear else {}),
-        **({"weights": list(form.weights)} if weights else {}),  # as applied: divided by their sum
+        **({"weights": list(form.weights)} if weights else {}),  # as applied: scaled by a power of two
         "dtype": dtype_name(out_dtype) if out_dtype else "as input",
         "left_out": plan.extras,
     } for s, form in zip(scales, forms, strict=True)]

@@ -150,11 +150,12 @@ class MergeMethod:
 
     def forms(self, n: int, scales: Sequence[float], weights: tuple[float, ...] | None = None) -> list:
         """What the executors evaluate, one per scale: LinearForm, or CombineForm when non-linear.
-        Weights are divided by their sum first (in float64): weights of 1e-50 would underflow the
-        kernels' float32 tables, and the methods only use their ratios."""
+        Weights are scaled by a power of two that brings the largest into [0.5, 1): weights of
+        1e-50 would underflow the kernels' float32 tables, the methods use their ratios only, and
+        a power of two scales every product and sum exactly (the bytes are the unscaled ones)."""
         if weights is not None:
-            total = math.fsum(weights)
-            weights = tuple(w / total for w in weights)
+            exponent = math.frexp(max(weights))[1]
+            weights = tuple(math.ldexp(w, -exponent) for w in weights)
         if self.linear:
             return [self.linear_form(n, s, weights) for s in scales]
         return [CombineForm(self, s, weights) for s in scales]
