@@ -39,6 +39,32 @@ def test_a_link_inside_the_model_directory_is_copied_as_a_file(workdir, tmp_path
     assert copied.is_file() and not copied.is_symlink() and json.loads(copied.read_text()) == {"a": 1}
 
 
+def test_custom_code_named_chat_templates_and_licences_travel_with_the_model(workdir, tmp_path):
+    """What a merged model needs to load and to be used as the base was: the custom code its
+    auto_map names (copied, never run: the output kept auto_map without it and did not load with
+    trust_remote_code), save_pretrained's named chat templates (the tool_use template was lost),
+    Mistral's tekken.json, the licence. Other .py files, and the base's model card, stay behind."""
+    base, fts = workdir
+    config = json.loads((base / "config.json").read_text())
+    auto_map = {"AutoConfig": "configuration_mine.MineConfig", "AutoModelForCausalLM": "other/repo--modeling_far.M"}
+    (base / "config.json").write_text(json.dumps({**config, "auto_map": auto_map}))
+    tokenizer_map = {"auto_map": {"AutoTokenizer": ["tokenization_mine.T", None]}}
+    (base / "tokenizer_config.json").write_text(json.dumps(tokenizer_map))
+    for name in ("configuration_mine.py", "tokenization_mine.py", "modeling_far.py", "train.py"):
+        (base / name).write_text("raise SystemExit('never run')\n")
+    (base / "additional_chat_templates").mkdir()
+    (base / "additional_chat_templates" / "tool_use.jinja").write_text("TOOLS:{{ messages[0]['content'] }}")
+    for name in ("tekken.json", "LICENSE", "USE_POLICY.md", "README.md"):
+        (base / name).write_text(name)
+    merge_checkpoints(fts, tmp_path / "out", base=base, progress=False)
+    out = tmp_path / "out"
+    for name in ("configuration_mine.py", "tokenization_mine.py", "additional_chat_templates/tool_use.jinja",
+                 "tekken.json", "LICENSE", "USE_POLICY.md"):
+        assert (out / name).read_text() == (base / name).read_text(), name
+    assert json.loads((out / "config.json").read_text())["auto_map"] == auto_map
+    assert not any((out / name).exists() for name in ("modeling_far.py", "train.py", "README.md"))
+
+
 @pytest.fixture
 def sharded(synthetic_sets, tmp_path):
     sset = synthetic_sets("float32", sharded=True)

@@ -19,7 +19,6 @@ import os
 import re
 import shutil
 from dataclasses import dataclass, field
-from fnmatch import fnmatch
 from pathlib import Path
 
 from taskvec.errors import TaskvecError, brief
@@ -66,10 +65,27 @@ class Checkpoint:
         return sorted(weights | set(self.side_files()))
 
     def side_files(self) -> list[Path]:
-        return sorted(
-            p for p in self.path.iterdir()
-            if p.is_file() and any(fnmatch(p.name, pattern) for pattern in layout.SIDE_FILE_PATTERNS)
-        )
+        """Config, tokenizer, licence and custom-code files a merged model keeps from this one."""
+        if not self.path.is_dir():
+            return []
+        found = {p for pattern in layout.SIDE_FILE_PATTERNS for p in self.path.glob(pattern) if p.is_file()}
+        found |= {p for name in self._custom_code() if (p := self.path / name).is_file()}
+        return sorted(found)
+
+    def _custom_code(self) -> set[str]:
+        """The .py files auto_map names (module.Class -> module.py; another repository's
+        `repo--module.Class` is fetched by transformers itself)."""
+        names = set()
+        for config in (self.config, _json_or_empty(self.path / layout.TOKENIZER_CONFIG)):
+            auto_map = config.get("auto_map") if isinstance(config, dict) else None
+            values = auto_map.values() if isinstance(auto_map, dict) else []
+            for value in values:
+                for reference in value if isinstance(value, list) else [value]:
+                    if isinstance(reference, str) and "--" not in reference and "." in reference:
+                        module = reference.rsplit(".", 1)[0]
+                        if re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", module):
+                            names.add(f"{module}.py")
+        return names
 
     def fingerprint(self) -> str:
         """sha256 of the tensor table (names, dtypes, shapes, offsets) and of the first and last
@@ -113,7 +129,7 @@ def resolve_model_path(name: str | Path) -> Path:
 
     try:
         for weights in _WEIGHT_PATTERNS:
-            snapshot = Path(snapshot_download(str(name), allow_patterns=[*weights, *layout.SIDE_FILE_PATTERNS]))
+            snapshot = Path(snapshot_download(str(name), allow_patterns=[*weights, *layout.SIDE_FILE_PATTERNS, "*.py"]))
             if _has_weights(snapshot):
                 return snapshot
         return snapshot
@@ -291,13 +307,24 @@ def copy_side_files(source: Checkpoint, directory: Path, config_updates: dict | 
         if not _inside_model(file, source.path):
             skipped.append(f"{file.name} (a link to {file.resolve()}, outside {source.path})")
             continue
-        target = directory / file.name
+        target = directory / file.relative_to(source.path)
+        target.parent.mkdir(exist_ok=True)
         if file.name == layout.CONFIG and config_updates:
             target.write_text(dumps({**source.config, **config_updates}), encoding="utf-8")
         else:
             shutil.copyfile(file, target)
         os.chmod(target, os.stat(target).st_mode & file.stat().st_mode & 0o777)
     return skipped
+
+
+def _json_or_empty(path: Path) -> dict:
+    """A side file's JSON object, or {} where there is none or it does not parse (the tokenizer's
+    loader reports that, not the merge)."""
+    try:
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return value if isinstance(value, dict) else {}
 
 
 def _inside_model(file: Path, directory: Path) -> bool:

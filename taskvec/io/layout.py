@@ -33,8 +33,16 @@ SIDE_FILE_PATTERNS = (
     "*.model",
     "*.tiktoken",
     "chat_template.*",
+    "additional_chat_templates/*.jinja",  # named chat templates, as save_pretrained writes them
+    "tekken.json",  # Mistral's tokenizer
     "preprocessor_config.json",
+    "LICENSE*",  # terms that travel with the weights
+    "USE_POLICY*",
+    "NOTICE*",
 )
+# Custom code (`auto_map` in config.json or tokenizer_config.json) is copied too, by the names
+# auto_map gives: taskvec never runs it; transformers runs it only with trust_remote_code.
+TOKENIZER_CONFIG = "tokenizer_config.json"
 
 # Names a tied output embedding may be stored under, and where its input embedding lives.
 TIED_OUTPUT = "lm_head.weight"
