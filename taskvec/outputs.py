@@ -53,6 +53,9 @@ def check_output(output: str | Path, inputs: Sequence[str | Path], overwrite: bo
         if source.is_dir() and source in target.parents:
             raise TaskvecError(f"output {output} is inside input {path}; choose another directory")
     tidy_leftovers(output)
+    if output.is_symlink() and not output.exists():  # found only after the whole work, by the rename
+        raise TaskvecError(f"output {output} is a link to {os.readlink(output)}, which does not exist; "
+                           "remove the link or choose another directory")
     if output.exists():
         if not output.is_dir():
             raise TaskvecError(f"output {output} exists and is not a directory")

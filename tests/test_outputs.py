@@ -20,6 +20,14 @@ def test_output_rules_for_file_and_directory_inputs(tmp_path):
         check_output(data, [], overwrite=True)
 
 
+def test_a_dangling_link_as_output_is_refused_before_any_work(tmp_path):
+    """It failed only at the end, after the whole merge, naming a staging folder already gone."""
+    (tmp_path / "out").symlink_to(tmp_path / "nowhere")
+    for overwrite in (False, True):
+        with pytest.raises(TaskvecError, match="output .*out is a link to .*nowhere, which does not exist"):
+            check_output(tmp_path / "out", [], overwrite=overwrite)
+
+
 def test_the_current_directory_and_its_parents_are_never_outputs(tmp_path, monkeypatch):
     work = tmp_path / "work"
     work.mkdir()
