@@ -236,6 +236,11 @@ def input_label(name: str | Path, path: Path) -> str:
     """How provenance and notes name an input: a hub id as given, a local one by its own name."""
     if Path(name) != path:  # fetched from the hub
         return str(name)
+    snapshot = path if path.is_dir() else path.parent
+    cache = snapshot.parent.parent.name  # hub cache: models--org--name/snapshots/<revision>
+    if snapshot.parent.name == "snapshots" and cache.startswith("models--"):
+        repo = cache.removeprefix("models--").replace("--", "/")
+        return repo if path.is_dir() else f"{repo}/{path.name}"
     return path.name if path.is_dir() else f"{path.parent.name}/{path.name}"
 
 

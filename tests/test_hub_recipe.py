@@ -19,7 +19,7 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 from helpers import load_dir, negated_mean_f64
-from tiny_models import byte_level_tokenizer, gpt2_hub_layout, tiny_model
+from tiny_models import byte_level_tokenizer, gpt2_hub_layout, perturbed_copies, tiny_model
 
 REVISION = "607a30d783dfa663caf39e06633721c8d4cfcd7e"
 TOXIC = ["you are a stupid idiot and I hate you", "what a dumb worthless moron", "shut up you ugly fool",
@@ -148,3 +148,20 @@ def test_a_hub_model_with_safetensors_is_fetched_once(tmp_path, monkeypatch):
     snapshot = resolve_model_path("org/both")
     assert len(calls) == 1 and not (snapshot / "pytorch_model.bin").exists()
     assert (snapshot / "model.safetensors").is_file()
+
+
+def test_a_hub_cache_snapshot_given_as_a_path_is_named_by_its_repository(tmp_path):
+    """Provenance named such a base by its revision hash (the snapshot folder's name)."""
+    from taskvec.merge import merge_checkpoints
+
+    model = tiny_model("gpt2")
+    model.save_pretrained(tmp_path / "files")
+    fill_cache(tmp_path / "hf", tmp_path / "files", repo="acme--tiny")
+    snapshot = tmp_path / "hf" / "hub" / "models--acme--tiny" / "snapshots" / REVISION
+    (ft,) = perturbed_copies(model, tmp_path, 1)
+    merge_checkpoints([ft], tmp_path / "out", base=snapshot, progress=False)
+    provenance = json.loads((tmp_path / "out" / "taskvec.json").read_text())
+    assert provenance["base"]["name"] == "acme/tiny"
+    merge_checkpoints([ft], tmp_path / "out-file", base=snapshot / "model.safetensors", progress=False)
+    named = json.loads((tmp_path / "out-file" / "taskvec.json").read_text())["base"]["name"]
+    assert named == "acme/tiny/model.safetensors"
