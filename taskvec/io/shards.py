@@ -19,7 +19,7 @@ from taskvec.io.writeback import start_writeback
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
-MAX_SIZE = 2**50  # 1PiB: larger sizes are typos, and would overflow float or int64 arithmetic
+MAX_SIZE = 2**50  # 1024 TiB: larger sizes are typos, and would overflow float or int64 arithmetic
 _UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
           "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
 
@@ -31,10 +31,11 @@ def parse_size(text: str | int) -> int:
     else:
         match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([A-Za-z]*)\s*", str(text))
         if not match or match.group(2).upper() not in _UNITS:
-            raise TaskvecError(f"cannot read size {_clip(text)}: use a number with B, KB, MB, GB, MiB or GiB")
+            raise TaskvecError(f"cannot read size {_clip(text)}: use a number with B, KB, MB, GB, TB, KiB, MiB, "
+                               "GiB or TiB")
         value = Decimal(match.group(1)) * _UNITS[match.group(2).upper()]  # exact: no float overflow
     if value > MAX_SIZE:
-        raise TaskvecError(f"size {_clip(text)} is too large (at most {MAX_SIZE} bytes, 1 PiB)")
+        raise TaskvecError(f"size {_clip(text)} is too large (at most {MAX_SIZE} bytes, 1024TiB)")
     if int(value) <= 0:
         raise TaskvecError(f"size {_clip(text)} must be positive")
     return int(value)

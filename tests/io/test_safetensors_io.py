@@ -56,6 +56,18 @@ def test_parse_size_rejects(text):
         parse_size(text)
 
 
+def test_parse_size_messages_name_only_units_it_reads():
+    """The refusal listed neither TB nor TiB, which it reads, and the limit was given in PiB,
+    which it does not."""
+    with pytest.raises(TaskvecError) as unknown:
+        parse_size("1PiB")
+    units = str(unknown.value).split("use a number with ")[1].replace(" or ", ", ").split(", ")
+    assert all(parse_size(f"1{unit}") for unit in units) and {"TB", "TiB"} <= set(units)
+    with pytest.raises(TaskvecError, match="at most 1125899906842624 bytes, 1024TiB"):
+        parse_size("1025TiB")
+    assert parse_size("1024TiB") == 2**50
+
+
 def test_plan_shards_keeps_order_and_gives_oversized_tensors_their_own_shard():
     specs = [OutputSpec(n, "F32", (s,)) for n, s in [("a", 10), ("b", 10), ("big", 100), ("c", 5)]]
     shards = plan_shards(specs, max_shard_bytes=80)
