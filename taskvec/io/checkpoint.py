@@ -129,7 +129,8 @@ def resolve_model_path(name: str | Path) -> Path:
 
     try:
         for weights in _WEIGHT_PATTERNS:
-            snapshot = Path(snapshot_download(str(name), allow_patterns=[*weights, *layout.SIDE_FILE_PATTERNS, "*.py"]))
+            snapshot = Path(snapshot_download(str(name), allow_patterns=[*weights, *layout.SIDE_FILE_PATTERNS,
+                                                                     layout.CUSTOM_CODE]))
             if _has_weights(snapshot):
                 return snapshot
         return snapshot

@@ -40,8 +40,10 @@ SIDE_FILE_PATTERNS = (
     "USE_POLICY*",
     "NOTICE*",
 )
-# Custom code (`auto_map` in config.json or tokenizer_config.json) is copied too, by the names
-# auto_map gives: taskvec never runs it; transformers runs it only with trust_remote_code.
+# Custom code (`auto_map` in config.json or tokenizer_config.json) is fetched from the hub and
+# copied too, by the names auto_map gives: taskvec never runs it; transformers runs it only with
+# trust_remote_code.
+CUSTOM_CODE = "*.py"
 TOKENIZER_CONFIG = "tokenizer_config.json"
 
 # Names a tied output embedding may be stored under, and where its input embedding lives.

@@ -35,10 +35,10 @@ _DEFAULT_NAME = re.compile(r"\.(?P<kind>lora_[AB]|lora_embedding_[AB])\.default(
 # variants whose merged weight is not base + B @ A * scaling, or not on the base's layers as they are
 _UNSUPPORTED = ("use_dora", "lora_bias", "use_qalora", "use_bdlora", "alora_invocation_tokens", "layer_replication",
                 "trainable_token_indices", "kasa_config", "monteclora_config", "arrow_config", "velora_config")
-# initialisations that leave the base's weights as they are (the others, PiSSA, OLoRA, CorDA, LoftQ,
-# LoRA-GA and MiCA among them, train factors of a changed base weight or merge as a variant; PEFT's
-# conversion to a plain LoRA of the original base sets True)
-_PLAIN_INITS = (True, False, "gaussian", "eva", "orthogonal")
+# initialisations besides True/False that leave the base's weights as they are (the others, PiSSA,
+# OLoRA, CorDA, LoftQ, LoRA-GA and MiCA among them, train factors of a changed base weight or merge
+# as a variant; PEFT's conversion to a plain LoRA of the original base sets True)
+_PLAIN_INITS = ("gaussian", "eva", "orthogonal")
 
 
 @dataclass(frozen=True)
@@ -88,7 +88,7 @@ def read_adapter(directory: Path) -> Adapter:
             raise TaskvecError(f"{config_path}: {option} is set; taskvec computes plain LoRA deltas only "
                                "(merge it with PEFT's merge_and_unload and pass the merged model)")
     init = config.get("init_lora_weights", True)
-    if not any(init is plain or (isinstance(init, str) and init == plain) for plain in _PLAIN_INITS):
+    if not (isinstance(init, bool) or init in _PLAIN_INITS):
         raise TaskvecError(f"{config_path}: init_lora_weights is {init!r}: its factors belong to a base weight "
                            "PEFT changed when it initialised them (PiSSA, OLoRA, CorDA, LoftQ, LoRA-GA) or merge as a "
                            "variant, not to the base taskvec reads; save the adapter with PEFT's "
