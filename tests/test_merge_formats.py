@@ -117,6 +117,22 @@ def test_save_pretrained_layouts_sharded_and_single_mixed(tmp_path, kind):
     loads_and_generates(tmp_path / "out")
 
 
+@pytest.mark.parametrize("kind, limit", [("llama", "2KB"), ("llama", "60KB"), ("gpt2", "20KB")])
+def test_shards_and_index_are_those_save_pretrained_writes(tmp_path, kind, limit):
+    """The index lacked total_parameters, and a small limit cut more shards than save_pretrained."""
+    model = tiny_model(kind)
+    model.save_pretrained(tmp_path / "base", max_shard_size=limit)
+    fts = perturbed_copies(model, tmp_path, 2)
+    merge_checkpoints(fts, tmp_path / "out", base=tmp_path / "base", max_shard_size=limit, progress=False)
+    AutoModelForCausalLM.from_pretrained(tmp_path / "out").save_pretrained(tmp_path / "again", max_shard_size=limit)
+    ours, theirs = (sorted(p.name for p in (tmp_path / d).glob("*.safetensors*")) for d in ("out", "again"))
+    assert ours == theirs
+    if len(ours) > 1:
+        index = "model.safetensors.index.json"
+        assert (json.loads((tmp_path / "out" / index).read_text())
+                == json.loads((tmp_path / "again" / index).read_text()))
+
+
 @pytest.mark.parametrize("base_dtype, ft_dtypes", [
     (torch.float32, [torch.bfloat16, torch.bfloat16]),
     (torch.bfloat16, [torch.float32, torch.float32]),

@@ -8,6 +8,7 @@ Shards are named and indexed as `save_pretrained` does, so `from_pretrained` loa
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 from decimal import Decimal
@@ -48,16 +49,22 @@ def _clip(text: str | int, limit: int = 40) -> str:
 
 
 def plan_shards(specs: list[OutputSpec], max_shard_bytes: int) -> list[list[OutputSpec]]:
-    """Fill shards in order; a tensor larger than the limit gets a shard of its own."""
-    shards: list[list[OutputSpec]] = [[]]
+    """Shards as `save_pretrained` cuts them (huggingface_hub's `split_state_dict_into_shards`):
+    filled in order, a new one begun where the next tensor would pass the limit, and a tensor
+    larger than the limit given a shard of its own while the one being filled stays open."""
+    shards: list[list[OutputSpec]] = []
+    current: list[OutputSpec] = []
     used = 0
     for spec in specs:
-        if shards[-1] and used + spec.nbytes > max_shard_bytes:
-            shards.append([])
-            used = 0
-        shards[-1].append(spec)
+        if spec.nbytes > max_shard_bytes:
+            shards.append([spec])
+            continue
+        if current and used + spec.nbytes > max_shard_bytes:
+            shards.append(current)
+            current, used = [], 0
+        current.append(spec)
         used += spec.nbytes
-    return shards
+    return shards + [current] if current or not shards else shards
 
 
 def shard_names(count: int) -> list[str]:
@@ -86,6 +93,7 @@ class ShardWriter:
         self._where: dict[str, tuple[int, int]] = {}
         self.weight_map: dict[str, str] = {}
         self.total_size = sum(spec.nbytes for spec in specs)
+        self.total_parameters = sum(math.prod(spec.shape) for spec in specs)
         for file_name, shard in zip(self.files, shards, strict=True):
             header, offsets = encode_header(shard, metadata)
             fd = os.open(self.directory / file_name, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
@@ -122,7 +130,8 @@ class ShardWriter:
             os.close(fd)
         self._fds.clear()
         if complete and len(self.files) > 1:
-            index = {"metadata": {"total_size": self.total_size}, "weight_map": self.weight_map}
+            metadata = {"total_parameters": self.total_parameters, "total_size": self.total_size}
+            index = {"metadata": metadata, "weight_map": self.weight_map}
             (self.directory / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
 
 

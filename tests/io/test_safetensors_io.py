@@ -1,5 +1,7 @@
 """Header parsing, size parsing, shard planning and chunked reads of the streaming I/O layer."""
 
+import random
+
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
@@ -68,10 +70,20 @@ def test_parse_size_messages_name_only_units_it_reads():
     assert parse_size("1024TiB") == 2**50
 
 
-def test_plan_shards_keeps_order_and_gives_oversized_tensors_their_own_shard():
-    specs = [OutputSpec(n, "F32", (s,)) for n, s in [("a", 10), ("b", 10), ("big", 100), ("c", 5)]]
-    shards = plan_shards(specs, max_shard_bytes=80)
-    assert [[s.name for s in shard] for shard in shards] == [["a", "b"], ["big"], ["c"]]
+@pytest.mark.parametrize("seed", range(20))
+def test_plan_shards_cuts_as_save_pretrained_does(seed):
+    """A tensor over the limit got its own shard and closed the one being filled, so a small
+    --max-shard-size gave more shards than save_pretrained. huggingface_hub's split is the reference."""
+    from huggingface_hub import split_torch_state_dict_into_shards
+
+    rng = random.Random(seed)
+    sizes = [rng.choice([1, 3, 10, 25, 40, 100]) for _ in range(rng.randrange(1, 12))]
+    limit = rng.choice([40, 80, 100, 160])
+    specs = [OutputSpec(f"t{i}", "F32", (n,)) for i, n in enumerate(sizes)]
+    split = split_torch_state_dict_into_shards({s.name: torch.empty(s.shape) for s in specs}, max_shard_size=limit)
+    ours = [[s.name for s in shard] for shard in plan_shards(specs, max_shard_bytes=limit)]
+    assert ours == list(split.filename_to_tensors.values())
+    assert shard_names(len(ours)) == list(split.filename_to_tensors)
 
 
 def test_single_safetensors_file_as_checkpoint(tmp_path):
